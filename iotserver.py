@@ -680,6 +680,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers:
             # an unread request body would be parsed as the next request
             self.close_connection = True
+        if self.server.stopping:
+            self.close_connection = True
         self.log_request(response.status, len(response.body))
         self.send_response_only(response.status)
         self.send_header("Server", self.version_string())

@@ -1,0 +1,121 @@
+"""What is on disk: durability across kill -9, the key across restarts, the schema, bad databases."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+
+from conftest import FAST, IOTSERVER, MAC, MAC2, cli
+
+
+def test_every_200_survives_kill_9(start, tmp_path):
+    server = start(*FAST)
+    acknowledged = []
+    stop = threading.Event()
+
+    def station(mac, base):
+        i = 0
+        while not stop.is_set() and i < 2000:
+            try:
+                if server.update("%d.5" % (base + i), mac=mac)[0] == 200:
+                    acknowledged.append((mac, float("%d.5" % (base + i))))
+            except OSError:
+                return  # the server died under us: that answer never came
+            i += 1
+
+    threads = [threading.Thread(target=station, args=(m, b)) for m, b in ((MAC, 0), (MAC2, 10000))]
+    for t in threads:
+        t.start()
+    while len(acknowledged) < 200:
+        threads[0].join(0.01)
+    server.proc.send_signal(signal.SIGKILL)  # mid-stream, requests in flight
+    server.proc.wait()
+    stop.set()
+    for t in threads:
+        t.join()
+    restarted = start(db=tmp_path / "iotserver.db")
+    stored = [(m, v) for m, _, v, _ in restarted.rows()]
+    missing = set(acknowledged) - set(stored)
+    assert not missing, "answered 200 but lost: %s" % sorted(missing)[:5]
+    assert len(stored) == len(set(stored))  # nothing twice
+    assert restarted.update("1.0")[0] == 200
+
+
+def test_restart_keeps_the_key(start, tmp_path):
+    server = start()
+    key = server.key
+    assert server.update()[0] == 200
+    assert server.stop() == 0
+    again = start(db=tmp_path / "iotserver.db")
+    assert again.key == key
+    assert again.update(key=key)[0] == 200
+    assert len(again.rows()) == 2
+
+
+def test_schema_is_versioned_and_in_wal_mode(server):
+    assert server.update()[0] == 200
+    assert server.rows("PRAGMA user_version") == [(1,)]
+    assert server.rows("PRAGMA journal_mode") == [("wal",)]
+    plan = " ".join(str(r) for r in server.rows(
+        "EXPLAIN QUERY PLAN SELECT value FROM readings WHERE station_id = 1 AND field = 1 ORDER BY ts DESC LIMIT 1"))
+    assert "USING INDEX" in plan or "USING COVERING INDEX" in plan
+
+
+def test_newer_schema_is_refused(tmp_path):
+    db = tmp_path / "new.db"
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    proc = subprocess.run([sys.executable, str(IOTSERVER), "--db", str(db), "--port", "0"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "schema 99" in proc.stderr
+
+
+def test_corrupt_database_is_refused_not_replaced(tmp_path):
+    db = tmp_path / "iotserver.db"
+    db.write_bytes(b"this is not a database, it is a shopping list\n" * 100)
+    proc = subprocess.run([sys.executable, str(IOTSERVER), "--db", str(db), "--port", "0"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "not a database" in proc.stderr
+    assert db.read_bytes().startswith(b"this is not a database")
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    db = tmp_path / "no" / "such" / "dir" / "iotserver.db"
+    proc = subprocess.run([sys.executable, str(IOTSERVER), "--db", str(db), "--port", "0"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "does not exist" in proc.stderr
+    assert not db.parent.exists()
+
+
+def test_admin_action_on_missing_database_does_not_create_one(tmp_path):
+    proc = cli(tmp_path / "typo.db", "--stations", check=False)
+    assert proc.returncode != 0 and "no database" in proc.stderr
+    assert not (tmp_path / "typo.db").exists()
+
+
+def test_port_in_use_is_a_clear_error(server, tmp_path):
+    proc = subprocess.run([sys.executable, str(IOTSERVER), "--db", str(tmp_path / "other.db"),
+                           "--port", str(server.port)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "cannot start" in proc.stderr and "in use" in proc.stderr
+
+
+def test_default_database_is_created_in_the_working_directory(tmp_path):
+    env = dict(os.environ)
+    env.pop("IOTSERVER_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, str(IOTSERVER), "--port", "0"], cwd=tmp_path,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        first = proc.stderr.readline()
+        assert "listening on http://127.0.0.1:" in first
+        assert str(tmp_path / "iotserver.db") in first
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    assert (tmp_path / "iotserver.db").exists()
