@@ -11,10 +11,14 @@ iotserver rate-limits each station, stores readings in SQLite and serves a page.
 
 import argparse
 import collections
+import base64
 import contextlib
+import csv
 import datetime
 import hmac
 import html
+import io
+import json
 import math
 import os
 import re
@@ -27,6 +31,8 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
+import zoneinfo
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -48,6 +54,8 @@ KEY_FAILURE_INTERVAL = 6.0
 MAX_BUCKETS = 10_000
 #: Stations registered automatically at most, so a flood of MACs cannot fill the disk.
 DEFAULT_MAX_STATIONS = 100
+#: Seconds between the page's own refreshes.
+DEFAULT_REFRESH = 30
 #: Seconds an idle or slow client may hold a connection (and its thread).
 DEFAULT_TIMEOUT = 20.0
 #: Largest |value| accepted; real sensors are far below (pressure in Pa is ~1e5).
@@ -283,6 +291,7 @@ class Store:
         self._lock = threading.RLock()
         self._pending = []  # readings waiting for the write lock: [mac, field, value, ts, max, id, error]
         self._pending_lock = threading.Lock()
+        self._readers = []  # idle read-only connections; list.pop/append are atomic
         try:
             self._conn = self._connect()
             self._migrate()
@@ -339,6 +348,8 @@ class Store:
     def close(self):
         """Close the database (after a final checkpoint)."""
         with self._lock:
+            while self._readers:
+                self._readers.pop().close()
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.close()
@@ -494,23 +505,502 @@ class Store:
         return total
 
 
+    # -- reading, on a small pool of read-only connections (WAL: readers never block the writer) --
+
+    @contextlib.contextmanager
+    def reader(self):
+        """A read-only connection with one consistent snapshot for the whole block."""
+        try:
+            conn = self._readers.pop()
+        except IndexError:
+            conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA query_only = ON")
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("COMMIT")
+            if len(self._readers) < 8:
+                self._readers.append(conn)
+            else:
+                conn.close()
+
+    def station_list(self, conn):
+        """Stations as dicts (id, mac, name, role): outdoor, indoor, then the rest by name."""
+        rows = conn.execute("SELECT id, mac, name, role FROM stations "
+                            "ORDER BY role IS NULL, role DESC, name, mac").fetchall()
+        return [dict(zip(("id", "mac", "name", "role"), row)) for row in rows]
+
+    def latest(self, conn, station, since_ms):
+        """Fill ``station`` with its latest value per field, min/max since ``since_ms``, interval."""
+        fields = {}
+        for field in range(1, 9):  # eight index seeks: cheap at any table size
+            row = conn.execute("SELECT value, ts FROM readings WHERE station_id = ? AND field = ? "
+                               "ORDER BY ts DESC LIMIT 1", (station["id"], field)).fetchone()
+            if row is None:
+                continue
+            low, high = conn.execute("SELECT min(value), max(value) FROM readings "
+                                     "WHERE station_id = ? AND field = ? AND ts >= ?",
+                                     (station["id"], field, since_ms)).fetchone()
+            fields[field] = {"value": row[0], "ts": row[1], "min": low, "max": high}
+        station["fields"] = fields
+        station["last_seen"] = max((f["ts"] for f in fields.values()), default=None)
+        interval = None
+        if fields:
+            recent = [r[0] for r in conn.execute(
+                "SELECT ts FROM readings WHERE station_id = ? AND field = ? ORDER BY ts DESC LIMIT 7",
+                (station["id"], min(fields)))]
+            gaps = sorted(a - b for a, b in zip(recent, recent[1:]))
+            interval = gaps[len(gaps) // 2] if gaps else None
+        station["interval_ms"] = interval
+        return station
+
+    def series(self, conn, station_id, field, since_ms, bucket_ms):
+        """Average of a field per time bucket since ``since_ms``: [(bucket start ms, value)]."""
+        return conn.execute(
+            "SELECT (ts / ?) * ?, avg(value) FROM readings WHERE station_id = ? AND field = ? AND ts >= ? "
+            "GROUP BY ts / ? ORDER BY 1", (bucket_ms, bucket_ms, station_id, field, since_ms, bucket_ms)).fetchall()
+
+    def values(self, conn, station_id, field, since_ms):
+        """Every value of a field since ``since_ms``, oldest first: [(ms, value)]."""
+        return conn.execute("SELECT ts, value FROM readings WHERE station_id = ? AND field = ? AND ts >= ? "
+                            "ORDER BY ts", (station_id, field, since_ms)).fetchall()
+
+    def readings(self, conn, station_ids, field, since_ms, until_ms, limit):
+        """Readings in a time range, oldest first: [(ts, mac, name, field, value)]."""
+        marks = ",".join("?" * len(station_ids))
+        sql = ("SELECT r.ts, s.mac, s.name, r.field, r.value FROM readings r JOIN stations s ON s.id = r.station_id "
+               "WHERE r.station_id IN (%s) AND r.ts >= ? AND r.ts < ?" % marks)
+        params = list(station_ids) + [since_ms, until_ms]
+        if field:
+            sql += " AND r.field = ?"
+            params.append(field)
+        sql += " ORDER BY r.ts, r.id LIMIT ?"
+        return conn.execute(sql, params + [limit]).fetchall()
+
+
 ###############################################################################
 # Rendering ###################################################################
 ###############################################################################
 
-_INDEX_PAGE = string.Template("""<!doctype html>
+#: What each field holds as the stations post it: (label, unit of the stored value).
+#: Field 1 is converted to the page's unit; the others are shown as stored.
+FIELDS = {1: ("Temperature", "°C"), 2: ("Pressure", "hPa"), 3: ("Humidity", "%")}
+#: Outside must differ from inside by this much (°C) before the advice flips.
+DEAD_BAND_C = 0.5
+#: A station is offline after this many of its usual intervals without a post (at least 3 min).
+OFFLINE_INTERVALS = 4
+OFFLINE_MIN_MS = 3 * 60_000
+#: Assumed interval for a station with too few readings to tell (the firmware posts once a minute).
+DEFAULT_INTERVAL_MS = 60_000
+#: How far back the advice looks for the last clear difference (the hysteresis memory).
+ADVICE_MEMORY_MS = 2 * 3_600_000
+#: The chart: last 24 hours, averaged into 10-minute buckets (at most 145 points a line).
+CHART_MS = 24 * 3_600_000
+CHART_BUCKET_MS = 10 * 60_000
+#: Readings returned by /api/readings by default and at most.
+API_LIMIT, API_MAX_LIMIT = 1000, 100_000
+
+
+class View:
+    """How the page shows values: unit, time zone, dead band."""
+
+    def __init__(self, unit="F", tz=None, dead_band_c=DEAD_BAND_C):
+        self.unit = unit
+        self.tz = tz  # a tzinfo, or None for the server's local zone
+        self.dead_band_c = dead_band_c
+
+    def temperature(self, celsius):
+        return celsius * 9 / 5 + 32 if self.unit == "F" else celsius
+
+    def degrees(self, celsius_difference):
+        return abs(celsius_difference) * (9 / 5 if self.unit == "F" else 1)
+
+    def show(self, field, value):
+        """A stored value as text in the page's unit."""
+        if field == 1:
+            return "%.1f\u00a0°%s" % (self.temperature(value), self.unit)
+        unit = FIELDS.get(field, ("", ""))[1]
+        text = ("%.1f" % value) if abs(value) < 10_000 else ("%.0f" % value)
+        return text + ("\u00a0" + unit if unit else "")
+
+    def local(self, ms):
+        stamp = datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc)
+        return stamp.astimezone(self.tz) if self.tz else stamp.astimezone()
+
+    def day_start(self, ms):
+        """Local midnight of the day ``ms`` falls on, in epoch ms."""
+        local = self.local(ms)
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        if self.tz is None:
+            midnight = midnight.replace(tzinfo=None).astimezone()  # the offset at midnight (DST)
+        return int(midnight.timestamp() * 1000)
+
+
+def ago(ms):
+    """'just now', '42 s ago', '5 min ago', '3 h ago', '2 days ago'."""
+    seconds = max(0, ms // 1000)
+    if seconds < 5:
+        return "just now"
+    if seconds < 60:
+        return "%d s ago" % seconds
+    if seconds < 3600:
+        return "%d min ago" % (seconds // 60)
+    if seconds < 48 * 3600:
+        return "%d h ago" % (seconds // 3600)
+    return "%d days ago" % (seconds // 86400)
+
+
+def is_offline(station, now):
+    """True when a station has missed a few of its usual posts."""
+    if station["last_seen"] is None:
+        return True
+    limit = max(OFFLINE_MIN_MS, OFFLINE_INTERVALS * (station["interval_ms"] or DEFAULT_INTERVAL_MS))
+    return now - station["last_seen"] > limit
+
+
+def advise(indoor, outdoor, history, view, now):
+    """The headline: (kind, text), kind being open, close, same or unknown.
+
+    Hysteresis: the advice flips only when outside is ``dead_band_c`` cooler or
+    warmer than inside; in between it keeps what the last 24 hours said.
+    """
+    for role, station in (("outdoor", outdoor), ("indoor", indoor)):
+        if station is None:
+            return "unknown", "Can't compare yet: no station is marked %s" % role
+    for role, station in (("Outside", outdoor), ("Inside", indoor)):
+        if 1 not in station["fields"]:
+            return "unknown", "Can't compare yet: %s station %s has sent no temperature" % (
+                role.lower(), station["name"])
+        if is_offline(station, now):
+            return "unknown", "Can't compare: %s station %s is offline (last seen %s)" % (
+                role.lower(), station["name"], ago(now - station["last_seen"]))
+    band = view.dead_band_c
+    diff = outdoor["fields"][1]["value"] - indoor["fields"][1]["value"]
+    state = None
+    for past in history[:-1] + [diff]:
+        if past <= -band:
+            state = "open"
+        elif past >= band:
+            state = "close"
+    size = "%.1f\u00a0°%s" % (view.degrees(diff), view.unit)
+    way = "cooler" if diff < 0 else "warmer"
+    if state == "open":
+        if diff <= -band:
+            return "open", "Open the windows — outside is %s cooler" % size
+        return "open", "Windows can stay open — outside is about the same (%s %s)" % (size, way)
+    if state == "close":
+        if diff >= band:
+            return "close", "Keep the windows closed — outside is %s warmer" % size
+        return "close", "Keep the windows closed — outside is about the same (%s %s)" % (size, way)
+    return "same", "Inside and outside are about the same (%s %s outside)" % (size, way)
+
+
+def _differences(inside, outside):
+    """Outside minus inside at every reading of either, oldest first, from [(ms, °C)] lists."""
+    merged = sorted([(ms, 0, v) for ms, v in inside] + [(ms, 1, v) for ms, v in outside])
+    latest, out = [None, None], []
+    for _, which, value in merged:
+        latest[which] = value
+        if None not in latest:
+            out.append(latest[1] - latest[0])
+    return out
+
+
+def _nice_step(span, ticks=4):
+    raw = max(span, 1e-9) / ticks
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+
+
+def render_chart(lines, view, now):
+    """Inline SVG of temperature lines (label, css class, [(ms, °C)]) over the last 24 h."""
+    width, height, left, right, top, bottom = 360, 200, 38, 8, 12, 26
+    start = now - CHART_MS
+    points = [(ms, view.temperature(c)) for _, _, data in lines for ms, c in data]
+    if not points:
+        return '<p class="muted">No temperatures in the last 24 hours.</p>'
+    low, high = min(v for _, v in points), max(v for _, v in points)
+    step = _nice_step(max(high - low, 1.0))
+    low, high = math.floor(low / step) * step, math.ceil(high / step) * step
+    if high - low < step:
+        high = low + step
+
+    def x(ms):
+        return left + (ms - start) / CHART_MS * (width - left - right)
+
+    def y(v):
+        return top + (high - v) / (high - low) * (height - top - bottom)
+
+    out = ['<svg class="chart" viewBox="0 0 %d %d" role="img" aria-label="Temperature in °%s, last 24 hours">'
+           % (width, height, view.unit)]
+    value = low
+    while value <= high + step / 2:
+        out.append('<line class="grid" x1="%d" x2="%d" y1="%.1f" y2="%.1f"/>'
+                   '<text class="tick" x="%d" y="%.1f" text-anchor="end">%s</text>'
+                   % (left, width - right, y(value), y(value), left - 4, y(value) + 3.5, "%g" % round(value, 2)))
+        value += step
+    out.append('<text class="tick" x="2" y="9">°%s</text>' % view.unit)
+    # a tick at every local hour divisible by 6, found on the half hour so any zone offset works
+    tick = (start // 1_800_000 + 1) * 1_800_000
+    while tick <= now:
+        local = view.local(tick)
+        if local.minute == 0 and local.hour % 6 == 0:
+            out.append('<line class="grid" x1="%.1f" x2="%.1f" y1="%d" y2="%d"/>'
+                       '<text class="tick" x="%.1f" y="%d" text-anchor="middle">%s</text>'
+                       % (x(tick), x(tick), top, height - bottom, x(tick), height - bottom + 13,
+                          local.strftime("%H:%M")))
+        tick += 1_800_000
+    zone = view.local(now).tzname() or ""
+    out.append('<text class="tick" x="%d" y="%d" text-anchor="end">time (%s)</text>'
+               % (width - right, height - 2, html.escape(zone)))
+    for _, css, data in lines:
+        run = []
+        for i, (ms, c) in enumerate(data):
+            if run and ms - data[i - 1][0] > 3 * CHART_BUCKET_MS:  # a gap: do not draw across it
+                out.append(_polyline(run, css))
+                run = []
+            run.append("%.1f,%.1f" % (x(ms + CHART_BUCKET_MS / 2), y(view.temperature(c))))
+        out.append(_polyline(run, css))
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _polyline(run, css):
+    if len(run) == 1:
+        cx, cy = run[0].split(",")
+        return '<circle class="line %s" cx="%s" cy="%s" r="2"/>' % (css, cx, cy)
+    return '<polyline class="line %s" points="%s"/>' % (css, " ".join(run))
+
+
+_CSS = """
+:root{color-scheme:light dark;--bg:#f6f7f9;--card:#fff;--fg:#16181d;--muted:#636b78;--line:#d9dde3;
+--open:#0b7a3e;--close:#b3261e;--same:#5b6470;--out:#1668dc;--in:#d9730d}
+@media (prefers-color-scheme:dark){:root{--bg:#111318;--card:#1b1e25;--fg:#e8eaef;--muted:#9aa3b2;
+--line:#2e333d;--open:#4cc38a;--close:#ff8a80;--same:#aab2bf;--out:#6aa9ff;--in:#ffad5c}}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);font:16px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
+main{max-width:960px;margin:0 auto;padding:16px}
+.headline{border-radius:14px;padding:18px 16px;margin:0 0 16px;color:#fff;background:var(--same)}
+.headline h1{margin:0;font-size:1.45rem;line-height:1.25}
+.headline p{margin:6px 0 0;opacity:.9}
+.headline.open{background:var(--open)}.headline.close{background:var(--close)}
+.headline.unknown{background:var(--card);color:var(--fg);border:1px solid var(--line)}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:12px}
+.card,.panel{background:var(--card);border:1px solid var(--line);border-radius:14px;padding:14px 16px}
+.card h2{margin:0;font-size:1.1rem}
+.role{font-size:.75rem;text-transform:uppercase;letter-spacing:.05em;color:var(--muted);margin-left:6px}
+.mac,.muted,.seen{color:var(--muted);font-size:.85rem;margin:2px 0 8px}
+.offline{border-color:var(--close)}.badge{color:var(--close);font-weight:600}
+dl{margin:0;display:grid;grid-template-columns:auto 1fr;gap:4px 12px;align-items:baseline}
+dt{color:var(--muted);font-size:.9rem}dd{margin:0}
+.value{font-size:1.6rem;font-weight:600;font-variant-numeric:tabular-nums}
+.range{display:block;color:var(--muted);font-size:.8rem}
+.panel{margin-top:16px}.panel h2{margin:0 0 8px;font-size:1rem}
+.chart{width:100%;height:auto;display:block}
+.grid{stroke:var(--line);stroke-width:1}.tick{fill:var(--muted);font-size:10px}
+.line{fill:none;stroke-width:2.2;stroke-linejoin:round}.line.outdoor{stroke:var(--out)}.line.indoor{stroke:var(--in)}
+circle.line.outdoor{fill:var(--out)}circle.line.indoor{fill:var(--in)}
+.line.other0{stroke:#8e44ad}.line.other1{stroke:#16a085}.line.other2{stroke:#7f8c8d}
+.legend{font-size:.85rem;color:var(--muted)}.legend b{font-weight:600}.k-outdoor{color:var(--out)}.k-indoor{color:var(--in)}
+code{word-break:break-all;font-size:.85rem}
+footer{color:var(--muted);font-size:.8rem;margin-top:16px;text-align:center}
+"""
+
+# refreshes <main> and the title in place; without JavaScript the <noscript> meta refresh does it
+_SCRIPT = """(function(){var s=document.currentScript,ms=1000*(+s.getAttribute("data-refresh"));
+function tick(){fetch(location.href,{cache:"no-store",credentials:"same-origin"}).then(function(r){
+if(!r.ok)throw new Error(r.status);return r.text()}).then(function(t){var d=new DOMParser().parseFromString(t,"text/html"),
+m=d.querySelector("main");if(m){document.querySelector("main").replaceWith(document.adoptNode(m));document.title=d.title}
+}).catch(function(){}).then(function(){setTimeout(tick,ms)})}setTimeout(tick,ms)})();"""
+
+_PAGE = string.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>iotserver</title></head>
-<body><h1>iotserver</h1>
-<p>$count station(s) registered.</p>
+<meta name="color-scheme" content="light dark">
+<title>$title</title>
+<noscript><meta http-equiv="refresh" content="$refresh"></noscript>
+<style nonce="$nonce">$css</style>
+</head><body>
+<main>
+$main
+<footer>Updated $updated · refreshes every $refresh s · <a href="/api/latest">JSON</a> ·
+<a href="/api/readings.csv">CSV</a></footer>
+</main>
+<script nonce="$nonce" data-refresh="$refresh">$script</script>
 </body></html>
 """)
 
 
-def render_index(store):
-    """The page at /."""
-    return _INDEX_PAGE.substitute(count=len(store.stations())).encode()
+def render_page(store, view, now, base_url, api_key, refresh):
+    """The page at /: headline, a card per station, the 24-hour chart. Returns (html, nonce)."""
+    esc = html.escape
+    today = view.day_start(now)
+    with store.reader() as conn:
+        stations = [store.latest(conn, s, today) for s in store.station_list(conn)]
+        by_role = {s["role"]: s for s in stations if s["role"]}
+        charted = [s for s in stations if s["role"]] or stations[:3]
+        lines, others = [], 0
+        for s in charted:
+            css = s["role"] or "other%d" % others
+            others += not s["role"]
+            lines.append((s, css, store.series(conn, s["id"], 1, now - CHART_MS, CHART_BUCKET_MS)))
+        history = []
+        if "indoor" in by_role and "outdoor" in by_role:
+            history = _differences(store.values(conn, by_role["indoor"]["id"], 1, now - ADVICE_MEMORY_MS),
+                                   store.values(conn, by_role["outdoor"]["id"], 1, now - ADVICE_MEMORY_MS))
+    nonce = secrets.token_urlsafe(16)
+    outdoor = by_role.get("outdoor")
+    title = "iotserver"
+    if outdoor and 1 in outdoor["fields"] and not is_offline(outdoor, now):
+        title = "%s outside · iotserver" % view.show(1, outdoor["fields"][1]["value"])
+    parts = []
+    if not any(s["fields"] for s in stations):
+        masked = api_key[:4] + "…" if api_key else "KEY"
+        parts.append(
+            '<section class="headline unknown"><h1>No readings yet</h1>'
+            "<p>Point a station at this server. It posts one URL per reading:</p>"
+            "<p><code>%supdate/API_key=%s/mac=6c:ef:7a:3b:9d:e8/field=1/data=21.4</code></p>"
+            "<p>The full key: <code>python3 iotserver.py --show-key</code> on the server. "
+            "Field 1 is the temperature in °C; the station appears here with its first reading.</p></section>"
+            % (esc(base_url), esc(masked)))
+    else:
+        kind, text = advise(by_role.get("indoor"), by_role.get("outdoor"), history, view, now)
+        detail = ""
+        if kind != "unknown":
+            detail = "<p>Outside %s · inside %s</p>" % (
+                view.show(1, by_role["outdoor"]["fields"][1]["value"]), view.show(1, by_role["indoor"]["fields"][1]["value"]))
+        elif "marked" in text:
+            detail = "<p>Mark them on the server: <code>python3 iotserver.py --role MAC outdoor</code> " \
+                     "and <code>--role MAC indoor</code></p>"
+        parts.append('<section class="headline %s" id="headline"><h1>%s</h1>%s</section>' % (kind, esc(text), detail))
+    parts.append('<div class="cards">')
+    for s in stations:
+        offline = is_offline(s, now)
+        role = '<span class="role">%s</span>' % esc(s["role"]) if s["role"] else ""
+        if s["last_seen"] is None:
+            seen = '<p class="seen"><span class="badge">No readings</span></p>'
+        elif offline:
+            seen = '<p class="seen"><span class="badge">Offline</span> · last seen %s</p>' % ago(now - s["last_seen"])
+        else:
+            seen = '<p class="seen">%s</p>' % ago(now - s["last_seen"])
+        rows = []
+        for field, f in sorted(s["fields"].items()):
+            label = FIELDS.get(field, ("Field %d" % field,))[0]
+            span = ""
+            if f["min"] is not None:
+                span = '<span class="range">today %s – %s</span>' % (view.show(field, f["min"]), view.show(field, f["max"]))
+            rows.append('<dt>%s</dt><dd><span class="value" data-field="%d">%s</span>%s</dd>'
+                        % (label, field, view.show(field, f["value"]), span))
+        mac = '<p class="mac">%s</p>' % esc(s["mac"]) if s["name"] != s["mac"] else ""
+        parts.append('<section class="card%s" data-mac="%s"><h2>%s%s</h2>%s%s<dl>%s</dl></section>'
+                     % (" offline" if offline else "", esc(s["mac"]), esc(s["name"]), role, mac, seen, "".join(rows)))
+    parts.append("</div>")
+    if stations:
+        legend = " · ".join('<b class="k-%s">━</b> %s' % (css, esc(s["name"])) for s, css, _ in lines)
+        parts.append('<section class="panel"><h2>Last 24 hours</h2>%s<p class="legend">%s</p></section>'
+                     % (render_chart([(s["name"], css, data) for s, css, data in lines], view, now), legend))
+    page = _PAGE.substitute(title=esc(title), nonce=nonce, refresh=refresh, css=_CSS, main="\n".join(parts),
+                            updated=view.local(now).strftime("%H:%M:%S"), script=_SCRIPT)
+    return page.encode("utf-8"), nonce
+
+
+def _json(obj):
+    return (json.dumps(obj, allow_nan=False, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def iso_ms(ms):
+    """ISO-8601 UTC with milliseconds, as the read API writes times."""
+    return iso_utc(ms)[:-1] + ".%03dZ" % (ms % 1000)
+
+
+def render_latest(store, now):
+    """/api/latest: every station with its role, last-seen time and latest value per field."""
+    with store.reader() as conn:
+        stations = [store.latest(conn, s, now - CHART_MS) for s in store.station_list(conn)]
+    return _json({"generated": iso_ms(now), "stations": [{
+        "mac": s["mac"], "name": s["name"], "role": s["role"],
+        "last_seen": iso_ms(s["last_seen"]) if s["last_seen"] else None,
+        "online": not is_offline(s, now),
+        "fields": {str(n): {"value": f["value"], "time": iso_ms(f["ts"]), "name": FIELDS.get(n, ("field%d" % n,))[0].lower(),
+                            "unit": FIELDS.get(n, ("", ""))[1]} for n, f in sorted(s["fields"].items())},
+    } for s in stations]})
+
+
+def _parse_time(name, text):
+    stamp = text.strip()
+    if stamp[-1:] in "Zz" and stamp:
+        stamp = stamp[:-1] + "+00:00"
+    try:
+        when = datetime.datetime.fromisoformat(stamp)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        return int(when.timestamp() * 1000)
+    except (ValueError, OverflowError, OSError):
+        raise HTTPError(400, "%s must be an ISO-8601 time such as 2026-07-01T12:00:00Z" % name) from None
+
+
+def parse_readings_query(query, now):
+    """The parameters of /api/readings: mac, field, since, until, limit, format."""
+    allowed = ("mac", "field", "since", "until", "limit", "format", "key")
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=len(allowed) + 1,
+                                       errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, "query string is malformed or too long") from None
+    params = {}
+    for name, value in pairs:
+        if name not in allowed:
+            raise HTTPError(400, "unknown parameter %r; use %s" % (name[:20], ", ".join(allowed[:-1])))
+        if name in params:
+            raise HTTPError(400, "%s is given twice" % name)
+        params[name] = value
+    out = {"mac": None, "field": None, "format": params.get("format", "json")}
+    if "mac" in params:
+        try:
+            out["mac"] = parse_mac(params["mac"])
+        except ValueError as exc:
+            raise HTTPError(400, str(exc)) from None
+    if "field" in params:
+        if not _FIELD_RE.fullmatch(params["field"]):
+            raise HTTPError(400, "field must be a whole number from 1 to 8")
+        out["field"] = int(params["field"])
+    out["until"] = _parse_time("until", params["until"]) if "until" in params else now + 1
+    out["since"] = _parse_time("since", params["since"]) if "since" in params else out["until"] - CHART_MS
+    if out["since"] >= out["until"]:
+        raise HTTPError(400, "since must be before until")
+    limit = params.get("limit", str(API_LIMIT))
+    if not re.fullmatch(r"[0-9]{1,7}", limit, re.ASCII) or not 1 <= int(limit) <= API_MAX_LIMIT:
+        raise HTTPError(400, "limit must be a whole number from 1 to %d" % API_MAX_LIMIT)
+    out["limit"] = int(limit)
+    if out["format"] not in ("json", "csv"):
+        raise HTTPError(400, "format must be json or csv")
+    return out
+
+
+def _csv_cell(text):
+    """Text a spreadsheet will not run as a formula."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def render_readings(store, query):
+    """/api/readings as (body, content type)."""
+    with store.reader() as conn:
+        stations = store.station_list(conn)
+        ids = [s["id"] for s in stations if query["mac"] in (None, s["mac"])]
+        if query["mac"] and not ids:
+            raise HTTPError(404, "no station with mac %s" % query["mac"])
+        rows = store.readings(conn, ids, query["field"], query["since"], query["until"], query["limit"]) if ids else []
+    if query["format"] == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        writer.writerow(("time", "mac", "name", "field", "value"))
+        for ts, mac, name, field, value in rows:
+            writer.writerow((iso_ms(ts), mac, _csv_cell(name), field, repr(value)))
+        return buffer.getvalue().encode("utf-8"), "text/csv; charset=utf-8"
+    return _json([{"time": iso_ms(ts), "mac": mac, "name": name, "field": field, "value": value}
+                  for ts, mac, name, field, value in rows]), "application/json"
 
 
 ###############################################################################
@@ -518,7 +1008,7 @@ def render_index(store):
 ###############################################################################
 
 _CONTROL_CHARS = {c: "\\x%02x" % c for c in list(range(0x20)) + [0x7F]}
-_KEY_IN_TEXT_RE = re.compile(r"(api_key=)[^/&\s\"]*", re.I)
+_KEY_IN_TEXT_RE = re.compile(r"((?:api_)?key=)[^/&\s\"]*", re.I)
 
 
 def redact(text, key=None):
@@ -538,6 +1028,13 @@ class Response:
         self.body = body
         self.content_type = content_type
         self.headers = list(headers)
+
+
+#: GET/HEAD paths other than /update, and the Handler method answering each.
+_PAGES = {"/": "_page", "/api/latest": "_latest", "/api/readings": "_readings",
+          "/api/readings.json": "_readings", "/api/readings.csv": "_readings"}
+_API_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                ("Access-Control-Allow-Origin", "*")]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -606,16 +1103,20 @@ class Handler(BaseHTTPRequestHandler):
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_POST
 
+    def _target(self):
+        """(path, query) of the request, without scheme or host."""
+        target = self.path
+        if target.startswith(("http://", "https://")):
+            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+        path, _, query = target.partition("?")
+        return path, query
+
     def _path(self):
-        """The request path without query, scheme or host."""
-        path = self.path
-        if path.startswith(("http://", "https://")):
-            path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
-        return path.split("?", 1)[0]
+        return self._target()[0]
 
     def _method_not_allowed(self):
         path = self._path()
-        if path == "/" or path == "/update" or path.startswith("/update/"):
+        if path in _PAGES or path == "/update" or path.startswith("/update/"):
             allow = "GET" if path.startswith("/update") else "GET, HEAD"
             return HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "method %s not allowed here; use %s"
                              % (self.command[:16], allow), [("Allow", allow)])
@@ -624,9 +1125,11 @@ class Handler(BaseHTTPRequestHandler):
     def _route(self):
         """Find the route for a GET/HEAD and run it; errors come back as values."""
         try:
-            path = self._path()
-            if path == "/":
-                return Response(render_index(self.server.store), content_type="text/html; charset=utf-8")
+            path, query = self._target()
+            if path in _PAGES:
+                if not (path == "/" and self.command == "HEAD"):  # uptime monitors need no key
+                    self._authorize(query)
+                return getattr(self, _PAGES[path])(path, query)
             if path == "/update" or path.startswith("/update/"):
                 if self.command == "HEAD":
                     return HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "use GET to post a reading", [("Allow", "GET")])
@@ -666,6 +1169,62 @@ class Handler(BaseHTTPRequestHandler):
         except Refused as exc:
             raise HTTPError(HTTPStatus.FORBIDDEN, str(exc)) from None
         return Response(b"stored\n")
+
+    def _authorize(self, query):
+        """With --private, the page and read API need the key: HTTP Basic password or ?key=."""
+        server = self.server
+        if not server.private:
+            return
+        address = self.client_ip()
+        wait = server.key_failures.peek(address)
+        if wait:
+            raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "too many wrong keys; wait", _retry_after(wait))
+        given = None
+        auth = self.headers.get("Authorization", "")
+        if auth[:6].lower() == "basic ":
+            with contextlib.suppress(ValueError):
+                given = base64.b64decode(auth[6:].strip(), validate=True).partition(b":")[2]
+        for name, value in urllib.parse.parse_qsl(query, max_num_fields=20, errors="replace"):
+            if name == "key":
+                given = value.encode("utf-8", "replace")
+        if given is not None and hmac.compare_digest(given, server.api_key().encode()):
+            return
+        if given is not None:
+            server.key_failures.take(address)
+        raise HTTPError(HTTPStatus.UNAUTHORIZED, "this server is private: log in with the API key as password",
+                        [("WWW-Authenticate", 'Basic realm="iotserver", charset="UTF-8"')])
+
+    def _page(self, path, query):
+        """The phone page."""
+        server = self.server
+        host = self.headers.get("Host", "")
+        if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,255}", host, re.ASCII):
+            host = "%s:%d" % server.server_address[:2]
+        scheme = "https" if self.headers.get("X-Forwarded-Proto") == "https" and self._from_proxy() else "http"
+        body, nonce = render_page(server.store, server.view, now_ms(), "%s://%s/" % (scheme, host),
+                                  server.api_key(), server.refresh)
+        return Response(body, content_type="text/html; charset=utf-8", headers=[
+            ("Content-Security-Policy", "default-src 'none'; style-src 'nonce-%s'; script-src 'nonce-%s'; "
+             "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+             "frame-ancestors 'none'" % (nonce, nonce)),
+            ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+            ("Referrer-Policy", "no-referrer")])
+
+    def _latest(self, path, query):
+        """GET /api/latest"""
+        return Response(render_latest(self.server.store, now_ms()), content_type="application/json",
+                        headers=_API_HEADERS)
+
+    def _readings(self, path, query):
+        """GET /api/readings[.json|.csv]?mac=&field=&since=&until=&limit=&format="""
+        params = parse_readings_query(query, now_ms())
+        if path.endswith(".csv"):
+            params["format"] = "csv"
+        body, content_type = render_readings(self.server.store, params)
+        return Response(body, content_type=content_type, headers=_API_HEADERS)
+
+    def _from_proxy(self):
+        return self.client_address[0] in self.server.trusted_proxies if self.client_address else False
 
     # -- answering --
 
@@ -751,7 +1310,8 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address, store, api_key=None, rate=DEFAULT_RATE, burst=DEFAULT_BURST,
-                 client_timeout=DEFAULT_TIMEOUT, quiet=False, max_stations=DEFAULT_MAX_STATIONS):
+                 client_timeout=DEFAULT_TIMEOUT, quiet=False, max_stations=DEFAULT_MAX_STATIONS,
+                 view=None, refresh=DEFAULT_REFRESH, private=False, trusted_proxies=("127.0.0.1", "::1")):
         self.store = store
         self.fixed_key = api_key
         self.buckets = TokenBuckets(rate / 60.0, burst)
@@ -759,6 +1319,10 @@ class Server(ThreadingHTTPServer):
         self.client_timeout = client_timeout
         self.quiet = quiet
         self.max_stations = max_stations
+        self.view = view or View()
+        self.refresh = refresh
+        self.private = private
+        self.trusted_proxies = frozenset(trusted_proxies)
         self.stopping = False
         self._connections = set()
         self._connections_lock = threading.Lock()
@@ -835,6 +1399,13 @@ def _mac_arg(text):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _zone_arg(text):
+    try:
+        return zoneinfo.ZoneInfo(text)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError("unknown time zone %r (try Europe/Berlin or UTC)" % text) from None
+
+
 def build_parser():
     """The command line: serving flags and the owner's admin actions."""
     parser = argparse.ArgumentParser(
@@ -857,6 +1428,18 @@ def build_parser():
     serving.add_argument("--timeout", type=_positive(float), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                          help="drop clients idle this long (default: %(default)g)")
     serving.add_argument("--quiet", action="store_true", help="do not log one line per request")
+    page = parser.add_argument_group("page and read API")
+    page.add_argument("--unit", type=str.upper, choices=("F", "C"), default="F",
+                      help="temperature unit on the page (default: %(default)s)")
+    page.add_argument("--tz", metavar="ZONE", type=_zone_arg, default=None,
+                      help="time zone for the page, e.g. Europe/Berlin (default: the server's local zone)")
+    page.add_argument("--dead-band", type=_positive(float), default=DEAD_BAND_C, metavar="CELSIUS",
+                      help="how much cooler or warmer (in °C) outside must be before the advice flips "
+                           "(default: %(default)g)")
+    page.add_argument("--refresh", type=_positive(int), default=DEFAULT_REFRESH, metavar="SECONDS",
+                      help="how often the open page updates itself (default: %(default)s)")
+    page.add_argument("--private", action="store_true",
+                      help="the page and read API need the API key (as HTTP password, or ?key=)")
 
     admin = parser.add_argument_group("admin actions (run, print, exit)")
     actions = admin.add_mutually_exclusive_group()
@@ -948,7 +1531,8 @@ def main(argv=None):
         key, created = store.ensure_key()
         server = Server((args.host, args.port), store, api_key=args.api_key, rate=args.rate,
                         burst=args.burst, client_timeout=args.timeout, quiet=args.quiet,
-                        max_stations=args.max_stations)
+                        max_stations=args.max_stations, view=View(args.unit, args.tz, args.dead_band),
+                        refresh=args.refresh, private=args.private)
     except (OSError, sqlite3.Error) as exc:
         print("iotserver: cannot start: %s" % exc, file=sys.stderr)
         store.close()
