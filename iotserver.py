@@ -716,7 +716,7 @@ def _nice_step(span, ticks=4):
 
 def render_chart(lines, view, now):
     """Inline SVG of temperature lines (label, css class, [(ms, °C)]) over the last 24 h."""
-    width, height, left, right, top, bottom = 360, 200, 38, 8, 12, 26
+    width, height, left, right, top, bottom = 360, 210, 38, 8, 22, 26
     start = now - CHART_MS
     points = [(ms, view.temperature(c)) for _, _, data in lines for ms, c in data]
     if not points:
@@ -741,7 +741,7 @@ def render_chart(lines, view, now):
                    '<text class="tick" x="%d" y="%.1f" text-anchor="end">%s</text>'
                    % (left, width - right, y(value), y(value), left - 4, y(value) + 3.5, "%g" % round(value, 2)))
         value += step
-    out.append('<text class="tick" x="2" y="9">°%s</text>' % view.unit)
+    out.append('<text class="tick" x="%d" y="10" text-anchor="end">°%s</text>' % (left - 4, view.unit))
     # a tick at every local hour divisible by 6, found on the half hour so any zone offset works
     tick = (start // 1_800_000 + 1) * 1_800_000
     while tick <= now:
@@ -776,9 +776,9 @@ def _polyline(run, css):
 
 _CSS = """
 :root{color-scheme:light dark;--bg:#f6f7f9;--card:#fff;--fg:#16181d;--muted:#636b78;--line:#d9dde3;
---open:#0b7a3e;--close:#b3261e;--same:#5b6470;--out:#1668dc;--in:#d9730d}
+--open:#0b7a3e;--close:#b3261e;--same:#5b6470;--out:#1668dc;--in:#d9730d;--warn:#b3261e}
 @media (prefers-color-scheme:dark){:root{--bg:#111318;--card:#1b1e25;--fg:#e8eaef;--muted:#9aa3b2;
---line:#2e333d;--open:#4cc38a;--close:#ff8a80;--same:#aab2bf;--out:#6aa9ff;--in:#ffad5c}}
+--line:#2e333d;--open:#1d6b45;--close:#9c2f27;--same:#444b57;--out:#6aa9ff;--in:#ffad5c;--warn:#ff8a80}}
 *{box-sizing:border-box}
 body{margin:0;background:var(--bg);color:var(--fg);font:16px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
 main{max-width:960px;margin:0 auto;padding:16px}
@@ -792,13 +792,13 @@ main{max-width:960px;margin:0 auto;padding:16px}
 .card h2{margin:0;font-size:1.1rem}
 .role{font-size:.75rem;text-transform:uppercase;letter-spacing:.05em;color:var(--muted);margin-left:6px}
 .mac,.muted,.seen{color:var(--muted);font-size:.85rem;margin:2px 0 8px}
-.offline{border-color:var(--close)}.badge{color:var(--close);font-weight:600}
+.offline{border-color:var(--warn)}.badge{color:var(--warn);font-weight:600}
 dl{margin:0;display:grid;grid-template-columns:auto 1fr;gap:4px 12px;align-items:baseline}
 dt{color:var(--muted);font-size:.9rem}dd{margin:0}
 .value{font-size:1.6rem;font-weight:600;font-variant-numeric:tabular-nums}
 .range{display:block;color:var(--muted);font-size:.8rem}
 .panel{margin-top:16px}.panel h2{margin:0 0 8px;font-size:1rem}
-.chart{width:100%;height:auto;display:block}
+.chart{width:100%;max-width:720px;height:auto;display:block;margin:0 auto}
 .grid{stroke:var(--line);stroke-width:1}.tick{fill:var(--muted);font-size:10px}
 .line{fill:none;stroke-width:2.2;stroke-linejoin:round}.line.outdoor{stroke:var(--out)}.line.indoor{stroke:var(--in)}
 circle.line.outdoor{fill:var(--out)}circle.line.indoor{fill:var(--in)}
@@ -810,31 +810,39 @@ footer{color:var(--muted);font-size:.8rem;margin-top:16px;text-align:center}
 
 # refreshes <main> and the title in place; without JavaScript the <noscript> meta refresh does it
 _SCRIPT = """(function(){var s=document.currentScript,ms=1000*(+s.getAttribute("data-refresh"));
-function tick(){fetch(location.href,{cache:"no-store",credentials:"same-origin"}).then(function(r){
+function tick(){var u=new URL(location.href);u.searchParams.set("fragment","1");
+fetch(u,{cache:"no-store",credentials:"same-origin"}).then(function(r){
 if(!r.ok)throw new Error(r.status);return r.text()}).then(function(t){var d=new DOMParser().parseFromString(t,"text/html"),
 m=d.querySelector("main");if(m){document.querySelector("main").replaceWith(document.adoptNode(m));document.title=d.title}
 }).catch(function(){}).then(function(){setTimeout(tick,ms)})}setTimeout(tick,ms)})();"""
+
+# what the page's script fetches to refresh itself: no <style> or <script> to parse again
+_MAIN = string.Template("""<main>
+$main
+<footer>Updated $updated · refreshes every $refresh s · <a href="/api/latest">JSON</a> ·
+<a href="/api/readings.csv">CSV</a></footer>
+</main>""")
 
 _PAGE = string.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
+<link rel="icon" href="data:,">
 <title>$title</title>
 <noscript><meta http-equiv="refresh" content="$refresh"></noscript>
 <style nonce="$nonce">$css</style>
 </head><body>
-<main>
 $main
-<footer>Updated $updated · refreshes every $refresh s · <a href="/api/latest">JSON</a> ·
-<a href="/api/readings.csv">CSV</a></footer>
-</main>
 <script nonce="$nonce" data-refresh="$refresh">$script</script>
 </body></html>
 """)
 
 
-def render_page(store, view, now, base_url, api_key, refresh):
-    """The page at /: headline, a card per station, the 24-hour chart. Returns (html, nonce)."""
+def render_page(store, view, now, base_url, api_key, refresh, fragment=False):
+    """The page at /: headline, a card per station, the 24-hour chart. Returns (html, nonce).
+
+    With ``fragment``, only the title and <main>, which the open page swaps in.
+    """
     esc = html.escape
     today = view.day_start(now)
     with store.reader() as conn:
@@ -901,8 +909,10 @@ def render_page(store, view, now, base_url, api_key, refresh):
         legend = " · ".join('<b class="k-%s">━</b> %s' % (css, esc(s["name"])) for s, css, _ in lines)
         parts.append('<section class="panel"><h2>Last 24 hours</h2>%s<p class="legend">%s</p></section>'
                      % (render_chart([(s["name"], css, data) for s, css, data in lines], view, now), legend))
-    page = _PAGE.substitute(title=esc(title), nonce=nonce, refresh=refresh, css=_CSS, main="\n".join(parts),
-                            updated=view.local(now).strftime("%H:%M:%S"), script=_SCRIPT)
+    main = _MAIN.substitute(main="\n".join(parts), refresh=refresh, updated=view.local(now).strftime("%H:%M:%S"))
+    if fragment:
+        return ("<title>%s</title>\n%s" % (esc(title), main)).encode("utf-8"), nonce
+    page = _PAGE.substitute(title=esc(title), nonce=nonce, refresh=refresh, css=_CSS, main=main, script=_SCRIPT)
     return page.encode("utf-8"), nonce
 
 
@@ -1201,8 +1211,9 @@ class Handler(BaseHTTPRequestHandler):
         if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,255}", host, re.ASCII):
             host = "%s:%d" % server.server_address[:2]
         scheme = "https" if self.headers.get("X-Forwarded-Proto") == "https" and self._from_proxy() else "http"
+        fragment = ("fragment", "1") in urllib.parse.parse_qsl(query, max_num_fields=20, errors="replace")
         body, nonce = render_page(server.store, server.view, now_ms(), "%s://%s/" % (scheme, host),
-                                  server.api_key(), server.refresh)
+                                  server.api_key(), server.refresh, fragment)
         return Response(body, content_type="text/html; charset=utf-8", headers=[
             ("Content-Security-Policy", "default-src 'none'; style-src 'nonce-%s'; script-src 'nonce-%s'; "
              "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "

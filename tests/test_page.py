@@ -1,0 +1,205 @@
+"""The phone page: the window advice, station cards, the chart, escaping, CSP, empty state."""
+
+import base64
+import html
+import re
+import sqlite3
+import time
+
+import pytest
+
+from conftest import FAST, MAC, MAC2, cli
+
+OUT, IN = MAC, MAC2
+
+
+def headline(server, path="/"):
+    status, headers, body = server.request(path)
+    assert status == 200
+    match = re.search(r'<section class="headline (\w+)"[^>]*><h1>(.*?)</h1>', body)
+    return match.group(1), html.unescape(match.group(2)).replace("\u00a0", " ")
+
+
+def _roles(server, out_c=None, in_c=None):
+    if out_c is not None:
+        assert server.update(str(out_c), mac=OUT)[0] == 200
+    if in_c is not None:
+        assert server.update(str(in_c), mac=IN)[0] == 200
+    cli(server.db, "--role", OUT, "outdoor")
+    cli(server.db, "--role", IN, "indoor")
+
+
+def _insert(server, mac, values):
+    """Readings from the past, as a station that posted then would have left them: [(age s, field, value)]."""
+    conn = sqlite3.connect(server.db)
+    now = int(time.time() * 1000)
+    with conn:
+        sid = conn.execute("SELECT id FROM stations WHERE mac = ?", (mac,)).fetchone()[0]
+        conn.executemany("INSERT INTO readings (station_id, field, value, ts) VALUES (?, ?, ?, ?)",
+                         [(sid, f, v, now - int(age * 1000)) for age, f, v in values])
+    conn.close()
+
+
+def test_open_the_windows(server):
+    _roles(server, out_c=20.0, in_c=25.0)
+    assert headline(server) == ("open", "Open the windows — outside is 9.0 °F cooler")
+
+
+def test_keep_them_closed(server):
+    _roles(server, out_c=30.0, in_c=25.0)
+    assert headline(server) == ("close", "Keep the windows closed — outside is 9.0 °F warmer")
+
+
+def test_celsius_and_the_title_shows_outside(start):
+    server = start("--unit", "c", *FAST)
+    _roles(server, out_c=18.25, in_c=21.0)
+    assert headline(server) == ("open", "Open the windows — outside is 2.8 °C cooler")
+    body = server.request("/")[2]
+    assert "<title>18.2\u00a0°C outside · iotserver</title>" in body or "<title>18.3\u00a0°C outside" in body
+
+
+def test_dead_band_keeps_the_advice_from_flipping(server):
+    _roles(server, out_c=25.2, in_c=25.0)
+    kind, text = headline(server)
+    assert kind == "same" and text.startswith("Inside and outside are about the same")
+    server.update("20.0", mac=OUT)  # clearly cooler: open
+    assert headline(server)[0] == "open"
+    server.update("25.3", mac=OUT)  # a fraction warmer than inside: still open
+    kind, text = headline(server)
+    assert kind == "open" and "about the same (0.5 °F warmer)" in text
+    server.update("25.6", mac=OUT)  # past the band: close
+    assert headline(server) == ("close", "Keep the windows closed — outside is 1.1 °F warmer")
+    server.update("24.8", mac=OUT)  # a fraction cooler: stays closed
+    kind, text = headline(server)
+    assert kind == "close" and "about the same (0.4 °F cooler)" in text
+
+
+def test_dead_band_flag(start):
+    server = start("--dead-band", "3", "--unit", "C", *FAST)
+    _roles(server, out_c=23.0, in_c=25.0)
+    assert headline(server)[0] == "same"
+    server.update("21.5", mac=OUT)
+    assert headline(server) == ("open", "Open the windows — outside is 3.5 °C cooler")
+
+
+def test_stale_station_is_not_guessed_from(server):
+    assert server.update("25.0", mac=IN)[0] == 200
+    assert server.update("1", mac=OUT, field=2)[0] == 200  # registers the outdoor station
+    server.rows()  # (the station exists now)
+    _insert(server, OUT, [(7200 + 60 * i, 1, 18.0) for i in range(5)])
+    conn = sqlite3.connect(server.db)
+    with conn:
+        conn.execute("DELETE FROM readings WHERE field = 2")
+    conn.close()
+    _roles(server)
+    kind, text = headline(server)
+    assert kind == "unknown"
+    assert text.startswith("Can't compare: outside station %s is offline (last seen 2 h ago)" % OUT)
+    body = server.request("/")[2]
+    card = re.search(r'<section class="card offline" data-mac="%s">.*?</section>' % OUT, body).group(0)
+    assert "Offline</span> · last seen 2 h ago" in card
+    assert 'class="card offline" data-mac="%s"' % IN not in body
+
+
+def test_missing_roles_say_what_to_do(server):
+    assert server.update("25.0", mac=IN)[0] == 200
+    kind, text = headline(server)
+    assert (kind, text) == ("unknown", "Can't compare yet: no station is marked outdoor")
+    assert "--role MAC outdoor" in server.request("/")[2]
+    cli(server.db, "--role", IN, "outdoor")
+    assert headline(server) == ("unknown", "Can't compare yet: no station is marked indoor")
+
+
+def test_outdoor_without_temperature(server):
+    assert server.update("1013", mac=OUT, field=2)[0] == 200
+    _roles(server, in_c=25.0)
+    assert headline(server) == ("unknown", "Can't compare yet: outside station %s has sent no temperature" % OUT)
+
+
+def test_station_card_values_ago_and_todays_range(start):
+    server = start("--tz", "UTC", *FAST)
+    assert server.update("21.4", mac=OUT)[0] == 200
+    assert server.update("1013.2", mac=OUT, field=2)[0] == 200
+    cli(server.db, "--rename", OUT, "Window")
+    now = time.gmtime()
+    since_midnight = now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec
+    if since_midnight > 600:  # readings from earlier today (and one from yesterday, not in today's range)
+        _insert(server, OUT, [(300, 1, 15.0), (since_midnight - 1, 1, 30.0), (since_midnight + 5, 1, -40.0)])
+    body = server.request("/")[2]
+    card = re.search(r'<section class="card" data-mac="%s">.*?</section>' % OUT, body).group(0)
+    assert "<h2>Window</h2>" in card and OUT in card
+    assert '<span class="value" data-field="1">70.5\u00a0°F</span>' in card
+    assert '<span class="value" data-field="2">1013.2\u00a0hPa</span>' in card
+    assert re.search(r'<p class="seen">(just now|\d+ s ago)</p>', card)
+    if since_midnight > 600:
+        assert "today 59.0\u00a0°F – 86.0\u00a0°F" in card
+    assert "time (UTC)" in body
+
+
+def _svg(body):
+    return re.search(r"<svg.*?</svg>", body, re.S).group(0)
+
+
+@pytest.mark.parametrize("count", [100, 100_000])
+def test_chart_size_is_bounded(server, count):
+    _roles(server, out_c=20.0, in_c=25.0)
+    step = 86_000 / count
+    _insert(server, OUT, [(i * step, 1, 15 + (i % 100) / 10) for i in range(count)])
+    _insert(server, IN, [(i * step, 1, 24 + (i % 50) / 10) for i in range(count)])
+    body = server.request("/")[2]
+    svg = _svg(body)
+    assert 'aria-label="Temperature in °F, last 24 hours"' in svg
+    for css in ("outdoor", "indoor"):
+        points = sum(len(p.split()) for p in re.findall(r'class="line %s" points="([^"]*)"' % css, svg))
+        assert 0 < points <= 146, (css, points)
+    assert len(svg) < 12_000
+    assert len(body) < 30_000
+    assert re.findall(r'text-anchor="middle">(\d\d:\d\d)</text>', svg)  # time axis labelled
+
+
+def test_hostile_station_name_is_escaped(server):
+    assert server.update("20", mac=OUT)[0] == 200
+    evil = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    cli(server.db, "--rename", OUT, evil)
+    body = server.request("/")[2]
+    assert "<script>alert" not in body and "<img src=x" not in body
+    assert html.escape(evil) in body
+
+
+def test_content_security_policy(server):
+    assert server.update("20", mac=OUT)[0] == 200
+    status, headers, body = server.request("/")
+    csp = headers["content-security-policy"]
+    nonce = re.search(r"script-src 'nonce-([\w-]+)'", csp).group(1)
+    assert "default-src 'none'" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    assert re.findall(r"<script[^>]*>", body) == ['<script nonce="%s" data-refresh="30">' % nonce]
+    assert re.findall(r"<style[^>]*>", body) == ['<style nonce="%s">' % nonce]
+    assert " style=" not in body and "onload=" not in body  # nothing inline the policy would block
+    assert nonce != re.search(r"'nonce-([\w-]+)'", server.request("/")[1]["content-security-policy"]).group(1)
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in body
+    assert '<noscript><meta http-equiv="refresh" content="30"></noscript>' in body
+    assert "prefers-color-scheme:dark" in body
+
+
+def test_empty_state_shows_how_to_point_a_station(server):
+    status, _, body = server.request("/", headers={"Host": "weather.example.org"})
+    assert status == 200
+    assert "No readings yet" in body
+    assert "http://weather.example.org/update/API_key=%s…/mac=" % server.key[:4] in body
+    assert server.key not in body
+    assert "--show-key" in body
+
+
+def test_private_page_and_api_need_the_key(start):
+    server = start("--private", *FAST)
+    assert server.update("20")[0] == 200  # stations post as always
+    for path in ("/", "/api/latest", "/api/readings", "/api/readings.csv"):
+        status, headers, body = server.request(path)
+        assert status == 401 and headers["www-authenticate"].startswith("Basic"), path
+        assert "20" not in body
+    auth = {"Authorization": "Basic " + base64.b64encode(b"me:" + server.key.encode()).decode()}
+    assert server.request("/", headers=auth)[0] == 200
+    assert server.request("/api/latest?key=%s" % server.key)[0] == 200
+    assert server.request("/api/readings?key=%s&field=1" % server.key)[0] == 200
+    assert server.request("/", method="HEAD")[0] == 200  # uptime monitors
+    assert server.key not in server.log
