@@ -292,6 +292,7 @@ class Store:
         self._pending = []  # readings waiting for the write lock: [mac, field, value, ts, max, id, error]
         self._pending_lock = threading.Lock()
         self._readers = []  # idle read-only connections; list.pop/append are atomic
+        self._series_cache = {}  # (station, field, bucket) -> (data_version, {bucket: avg}, complete until)
         try:
             self._conn = self._connect()
             self._migrate()
@@ -556,11 +557,28 @@ class Store:
         station["interval_ms"] = interval
         return station
 
-    def series(self, conn, station_id, field, since_ms, bucket_ms):
-        """Average of a field per time bucket since ``since_ms``: [(bucket start ms, value)]."""
-        return conn.execute(
+    def series(self, conn, station_id, field, since_ms, bucket_ms, now):
+        """Average of a field per time bucket since ``since_ms``: [(bucket start ms, value)].
+
+        Buckets that ended over a minute ago cannot change (the server stamps readings
+        on arrival), so they are kept in memory until another process changes the
+        database (a prune, a forget); only the newest buckets are read again.
+        """
+        self._refresh()
+        first = since_ms // bucket_ms * bucket_ms
+        key = (station_id, field, bucket_ms)
+        epoch, done, until = self._series_cache.get(key, (None, {}, first))
+        if epoch != self._data_version:
+            done, until = {}, first
+        fresh = conn.execute(
             "SELECT (ts / ?) * ?, avg(value) FROM readings WHERE station_id = ? AND field = ? AND ts >= ? "
-            "GROUP BY ts / ? ORDER BY 1", (bucket_ms, bucket_ms, station_id, field, since_ms, bucket_ms)).fetchall()
+            "GROUP BY ts / ? ORDER BY 1", (bucket_ms, bucket_ms, station_id, field, max(first, until), bucket_ms)
+        ).fetchall()
+        complete = (now - 60_000) // bucket_ms * bucket_ms
+        done = {b: v for b, v in done.items() if b >= first}
+        done.update((b, v) for b, v in fresh if b + bucket_ms <= complete)
+        self._series_cache[key] = (self._data_version, done, max(until, complete))
+        return sorted(done.items()) + [(b, v) for b, v in fresh if b + bucket_ms > complete]
 
     def values(self, conn, station_id, field, since_ms):
         """Every value of a field since ``since_ms``, oldest first: [(ms, value)]."""
@@ -853,7 +871,7 @@ def render_page(store, view, now, base_url, api_key, refresh, fragment=False):
         for s in charted:
             css = s["role"] or "other%d" % others
             others += not s["role"]
-            lines.append((s, css, store.series(conn, s["id"], 1, now - CHART_MS, CHART_BUCKET_MS)))
+            lines.append((s, css, store.series(conn, s["id"], 1, now - CHART_MS, CHART_BUCKET_MS, now)))
         history = []
         if "indoor" in by_role and "outdoor" in by_role:
             history = _differences(store.values(conn, by_role["indoor"]["id"], 1, now - ADVICE_MEMORY_MS),

@@ -203,3 +203,14 @@ def test_private_page_and_api_need_the_key(start):
     assert server.request("/api/readings?key=%s&field=1" % server.key)[0] == 200
     assert server.request("/", method="HEAD")[0] == 200  # uptime monitors
     assert server.key not in server.log
+
+
+def test_chart_forgets_what_another_process_pruned(server):
+    _roles(server, out_c=20.0, in_c=25.0)
+    _insert(server, OUT, [(20 * 3600 + 60 * i, 1, 10.0) for i in range(30)])  # 20 h ago, 50 °F
+    first = _svg(server.request("/")[2])
+    assert ">50</text>" in first  # the y axis reaches down to the old cold readings
+    assert "pruned 30 readings" in cli(server.db, "--prune-days", "0.5").stdout
+    second = _svg(server.request("/")[2])
+    assert ">50</text>" not in second
+    assert len(re.findall(r'class="line outdoor"', second)) == 1  # just the fresh reading left
