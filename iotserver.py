@@ -18,6 +18,7 @@ import datetime
 import hmac
 import html
 import io
+import ipaddress
 import json
 import math
 import os
@@ -494,6 +495,29 @@ class Store:
             total += conn.execute("DELETE FROM readings WHERE station_id = ?", (station_id,)).rowcount
             conn.execute("DELETE FROM stations WHERE id = ?", (station_id,))
         return total
+
+    def backup(self, target):
+        """Copy the database, as of one moment, to ``target`` (replaced atomically); return its pages."""
+        target = os.path.abspath(target)
+        if target == self.path:
+            raise StoreError("the backup must go to another file than the database")
+        partial = target + ".partial"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        try:
+            with contextlib.closing(sqlite3.connect(partial)) as copy:
+                with self._lock:
+                    self._conn.backup(copy)  # one step: one read snapshot; the server keeps writing (WAL)
+                copy.execute("PRAGMA journal_mode = DELETE")
+                pages = copy.execute("PRAGMA page_count").fetchone()[0]
+                if copy.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
+                    raise StoreError("the copy failed its integrity check")
+            os.replace(partial, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+            raise
+        return pages
 
     def prune(self, days):
         """Delete readings older than ``days`` days, station by station, in batches."""
@@ -1039,6 +1063,16 @@ _CONTROL_CHARS = {c: "\\x%02x" % c for c in list(range(0x20)) + [0x7F]}
 _KEY_IN_TEXT_RE = re.compile(r"((?:api_)?key=)[^/&\s\"]*", re.I)
 
 
+def _plain_ip(text):
+    """An IP address in canonical form (IPv4-mapped IPv6 as IPv4), or '' if ``text`` is none."""
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return ""
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
+
+
 def redact(text, key=None):
     """Hide every API key in a log line."""
     if key:
@@ -1253,13 +1287,19 @@ class Handler(BaseHTTPRequestHandler):
         return Response(body, content_type=content_type, headers=_API_HEADERS)
 
     def _from_proxy(self):
-        return self.client_address[0] in self.server.trusted_proxies if self.client_address else False
+        return bool(self.client_address) and _plain_ip(self.client_address[0]) in self.server.trusted_proxies
 
     # -- answering --
 
     def client_ip(self):
-        """The client's address."""
-        return self.client_address[0] if self.client_address else "-"
+        """The client's address: the TCP peer, or the X-Real-IP a trusted proxy (nginx) sent."""
+        peer = _plain_ip(self.client_address[0]) if self.client_address else "-"
+        headers = getattr(self, "headers", None)
+        if headers is not None and peer in self.server.trusted_proxies:
+            real = _plain_ip(headers.get("X-Real-IP", ""))
+            if real:
+                return real
+        return peer
 
     def _send(self, response):
         if isinstance(response, HTTPError):
@@ -1351,7 +1391,7 @@ class Server(ThreadingHTTPServer):
         self.view = view or View()
         self.refresh = refresh
         self.private = private
-        self.trusted_proxies = frozenset(trusted_proxies)
+        self.trusted_proxies = frozenset(_plain_ip(a) for a in trusted_proxies) - {""}
         self.stopping = False
         self._connections = set()
         self._connections_lock = threading.Lock()
@@ -1428,6 +1468,17 @@ def _mac_arg(text):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _proxies(given):
+    if not given:
+        return ("127.0.0.1", "::1")
+    if given == ["none"]:
+        return ()
+    for address in given:
+        if not _plain_ip(address):
+            raise SystemExit("iotserver: --trusted-proxy %r is not an IP address" % address)
+    return given
+
+
 def _zone_arg(text):
     try:
         return zoneinfo.ZoneInfo(text)
@@ -1457,6 +1508,9 @@ def build_parser():
     serving.add_argument("--timeout", type=_positive(float), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                          help="drop clients idle this long (default: %(default)g)")
     serving.add_argument("--quiet", action="store_true", help="do not log one line per request")
+    serving.add_argument("--trusted-proxy", action="append", metavar="ADDR",
+                         help="a reverse proxy whose X-Real-IP header names the client; repeat for more, "
+                              "'none' for no proxy (default: 127.0.0.1 and ::1)")
     page = parser.add_argument_group("page and read API")
     page.add_argument("--unit", type=str.upper, choices=("F", "C"), default="F",
                       help="temperature unit on the page (default: %(default)s)")
@@ -1481,6 +1535,8 @@ def build_parser():
     actions.add_argument("--rotate-key", action="store_true", help="replace the API key with a new random one")
     actions.add_argument("--lock", action="store_true", help="refuse stations not yet registered (403)")
     actions.add_argument("--unlock", action="store_true", help="register unknown stations again")
+    actions.add_argument("--backup", metavar="PATH",
+                         help="write a consistent copy of the live database to PATH and exit")
     actions.add_argument("--prune-days", type=_positive(float), metavar="DAYS",
                          help="delete readings older than DAYS days (for cron) and exit")
     return parser
@@ -1524,6 +1580,9 @@ def _admin(args, store, out):
     elif args.lock or args.unlock:
         store.set_setting("locked", "1" if args.lock else "0")
         print("registration %s" % ("locked: unknown stations get 403" if args.lock else "open"), file=out)
+    elif args.backup:
+        pages = store.backup(args.backup)
+        print("backed up %s to %s (%d pages)" % (store.path, os.path.abspath(args.backup), pages), file=out)
     elif args.prune_days:
         count = store.prune(args.prune_days)
         print("pruned %d readings older than %g days" % (count, args.prune_days), file=out)
@@ -1542,7 +1601,7 @@ def main(argv=None):
         if text is not None and not _MAC_RE.fullmatch(text):
             parser.error("not a MAC: %r (six hex pairs, e.g. 6c:ef:7a:3b:9d:e8)" % text)
     admin = any((args.stations, args.rename, args.role, args.forget, args.show_key, args.rotate_key,
-                 args.lock, args.unlock, args.prune_days))
+                 args.lock, args.unlock, args.prune_days, args.backup))
     try:
         store = Store(args.db, create=not admin)
     except StoreError as exc:
@@ -1551,7 +1610,7 @@ def main(argv=None):
     if admin:
         try:
             return _admin(args, store, sys.stdout)
-        except (StoreError, sqlite3.Error) as exc:
+        except (StoreError, sqlite3.Error, OSError) as exc:
             print("iotserver: %s" % exc, file=sys.stderr)
             return 1
         finally:
@@ -1561,7 +1620,7 @@ def main(argv=None):
         server = Server((args.host, args.port), store, api_key=args.api_key, rate=args.rate,
                         burst=args.burst, client_timeout=args.timeout, quiet=args.quiet,
                         max_stations=args.max_stations, view=View(args.unit, args.tz, args.dead_band),
-                        refresh=args.refresh, private=args.private)
+                        refresh=args.refresh, private=args.private, trusted_proxies=_proxies(args.trusted_proxy))
     except (OSError, sqlite3.Error) as exc:
         print("iotserver: cannot start: %s" % exc, file=sys.stderr)
         store.close()
