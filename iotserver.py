@@ -266,7 +266,20 @@ MIGRATIONS = (
         "CREATE INDEX readings_station_ts ON readings (station_id, ts)",
         "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
+    (
+        # ThingSpeak compatibility: each station is a channel with a write key of its own
+        "ALTER TABLE stations ADD COLUMN write_key TEXT",
+        "UPDATE stations SET write_key = upper(hex(randomblob(8)))",
+        "CREATE UNIQUE INDEX stations_write_key ON stations (write_key)",
+        # the readings written together in one ThingSpeak update; NULL means the row's own id
+        "ALTER TABLE readings ADD COLUMN entry INTEGER",
+    ),
 )
+
+
+def _new_write_key():
+    """A ThingSpeak-style write key: 16 upper-case hex digits."""
+    return secrets.token_hex(8).upper()
 
 
 def now_ms():
@@ -303,6 +316,7 @@ class Store:
             raise StoreError("cannot use database %s: %s" % (self.path, exc)) from None
         self._data_version = None
         self._stations = {}
+        self._write_keys = {}
         self._settings = {}
         self._refresh()
 
@@ -364,7 +378,9 @@ class Store:
             version = self._conn.execute("PRAGMA data_version").fetchone()[0]
             if version == self._data_version:
                 return
-            self._stations = dict(self._conn.execute("SELECT mac, id FROM stations"))
+            rows = self._conn.execute("SELECT mac, id, write_key FROM stations").fetchall()
+            self._stations = {mac: sid for mac, sid, _ in rows}
+            self._write_keys = {key: mac for mac, _, key in rows}
             self._settings = dict(self._conn.execute("SELECT name, value FROM settings"))
             self._data_version = version
 
@@ -397,51 +413,66 @@ class Store:
     # -- readings --
 
     def add_reading(self, mac, field, value, max_stations=DEFAULT_MAX_STATIONS, ts=None):
-        """Store one reading, registering the station if new; return the reading's id.
+        """Store one reading, registering the station if new; return its entry id."""
+        return self.add_entry(mac, [(field, value)], max_stations, ts)
 
-        Group commit: readings that arrive while another thread is writing wait for
-        the lock, and whoever gets it first writes every waiting reading in one
-        transaction. Each caller still returns only after its own reading committed.
+    def add_entry(self, mac, values, max_stations=DEFAULT_MAX_STATIONS, ts=None):
+        """Store readings [(field, value)] of one moment (a ThingSpeak entry); return the entry id.
+
+        Group commit: entries that arrive while another thread is writing wait for
+        the lock, and whoever gets it first writes every waiting entry in one
+        transaction. Each caller still returns only after its own entry committed.
         """
-        item = [mac, field, value, now_ms() if ts is None else ts, max_stations, None, None]
+        item = [mac, values, now_ms() if ts is None else ts, max_stations, None, None]
         with self._pending_lock:
             self._pending.append(item)
         with self._lock:
-            if item[5] is None and item[6] is None:
+            if item[4] is None and item[5] is None:
                 with self._pending_lock:
                     batch, self._pending = self._pending, []
                 self._write_batch(batch)
-        if item[6] is not None:
-            raise item[6]
-        return item[5]
+        if item[5] is not None:
+            raise item[5]
+        return item[4]
 
     def _write_batch(self, batch):
-        """Write pending readings in one transaction; set each item's id or its exception."""
+        """Write pending entries in one transaction; set each item's entry id or its exception."""
         added = {}
         try:
             with self.atomic() as conn:
                 self._refresh()
                 for item in batch:
-                    mac, field, value, ts, max_stations = item[:5]
-                    station_id = self._stations.get(mac) or added.get(mac)
+                    mac, values, ts, max_stations = item[:4]
+                    station_id = self._stations.get(mac) or (added.get(mac) or (None,))[0]
                     if station_id is None:
                         if self._settings.get("locked") == "1":
-                            item[6] = Refused("registration is locked; unknown station %s" % mac)
+                            item[5] = Refused("registration is locked; unknown station %s" % mac)
                             continue
                         if len(self._stations) + len(added) >= max_stations:
-                            item[6] = Refused("station limit (%d) reached; forget a station first" % max_stations)
+                            item[5] = Refused("station limit (%d) reached; forget a station first" % max_stations)
                             continue
-                        station_id = added[mac] = conn.execute(
-                            "INSERT INTO stations (mac, name, created_at) VALUES (?, ?, ?)", (mac, mac, ts)
-                        ).lastrowid
-                    item[5] = conn.execute(
-                        "INSERT INTO readings (station_id, field, value, ts) VALUES (?, ?, ?, ?)",
-                        (station_id, field, value, ts)).lastrowid
+                        write_key = _new_write_key()
+                        station_id = conn.execute(
+                            "INSERT INTO stations (mac, name, created_at, write_key) VALUES (?, ?, ?, ?)",
+                            (mac, mac, ts, write_key)).lastrowid
+                        added[mac] = (station_id, write_key)
+                    entry = None  # the first row's own id; the entry's other rows point to it
+                    for field, value in values:
+                        row = conn.execute(
+                            "INSERT INTO readings (station_id, field, value, ts, entry) VALUES (?, ?, ?, ?, ?)",
+                            (station_id, field, value, ts, entry)).lastrowid
+                        entry = entry or row
+                    item[4] = entry
         except Exception as exc:
             for item in batch:
-                item[5], item[6] = None, exc
+                item[4], item[5] = None, exc
             return
-        self._stations.update(added)  # cached only once the transaction has committed
+        # cached only once the transaction has committed
+        for mac, (station_id, write_key) in added.items():
+            self._stations[mac] = station_id
+            self._write_keys[write_key] = mac
+        if any(item[2] < now_ms() - 60_000 for item in batch):
+            self._series_cache.clear()  # a back-dated entry (created_at) may land in a finished bucket
 
     def stations(self):
         """Every station as a dict, with readings count and last time seen."""
@@ -459,6 +490,33 @@ class Store:
         if row is None:
             raise StoreError("no station with mac %s (see --stations)" % mac)
         return row[0]
+
+    def station_for_write_key(self, key):
+        """(mac, station id) of the station whose write key ``key`` (bytes) is, or None."""
+        self._refresh()
+        try:
+            text = key.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        matches = [mac for known, mac in self._write_keys.items()
+                   if known and hmac.compare_digest(known.encode(), text.encode())]
+        return (matches[0], self._stations[matches[0]]) if matches else None
+
+    def write_key(self, mac, rotate=False):
+        """(channel id, write key) of a station; with ``rotate``, a new key first."""
+        with self.atomic() as conn:
+            station_id = self._station_id(conn, mac)
+            if rotate:
+                conn.execute("UPDATE stations SET write_key = ? WHERE id = ?", (_new_write_key(), station_id))
+            return conn.execute("SELECT id, write_key FROM stations WHERE id = ?", (station_id,)).fetchone()
+
+    def add_channel(self, name):
+        """A station for a ThingSpeak client that has no MAC: a random locally administered one."""
+        mac = "02:" + ":".join("%02x" % b for b in secrets.token_bytes(5))
+        with self.atomic() as conn:
+            conn.execute("INSERT INTO stations (mac, name, created_at, write_key) VALUES (?, ?, ?, ?)",
+                         (mac, name, now_ms(), _new_write_key()))
+        return mac
 
     def rename(self, mac, name):
         with self.atomic() as conn:
@@ -1056,6 +1114,210 @@ def render_readings(store, query):
 
 
 ###############################################################################
+# ThingSpeak API ##############################################################
+###############################################################################
+# Each station is a ThingSpeak channel: its channel id is the station's id and it
+# has a write key of its own. Writes take api_key / field1..field8 / created_at;
+# reads answer the JSON, CSV and text shapes ThingSpeak's clients parse.
+
+#: Entries /channels/ID/feeds returns by default and at most (ThingSpeak's numbers).
+TS_RESULTS, TS_MAX_RESULTS = 100, 8000
+#: Largest POST body accepted on /update.
+MAX_BODY = 16 * 1024
+_TS_FIELD_RE = re.compile(r"field([1-8])", re.ASCII)
+_TS_IGNORED = ("lat", "long", "elevation", "status", "twitter", "tweet", "talkback_key")
+
+
+def _ts_value(value):
+    """A stored value as ThingSpeak writes it: text, without a needless '.0'."""
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def _ts_zone(params):
+    name = params.get("timezone")
+    if not name:
+        return None
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise HTTPError(400, "timezone %r is not a known time zone" % name[:40]) from None
+
+
+def _ts_time(ms, zone, csv_style=False):
+    """ThingSpeak's time text: UTC with Z, or the requested zone's offset."""
+    stamp = datetime.datetime.fromtimestamp(ms / 1000, zone or datetime.timezone.utc)
+    if csv_style:
+        return stamp.strftime("%Y-%m-%d %H:%M:%S ") + ("UTC" if zone is None else stamp.strftime("%z"))
+    return stamp.strftime("%Y-%m-%dT%H:%M:%SZ") if zone is None else stamp.isoformat(timespec="seconds")
+
+
+def _ts_parse_time(name, text, zone):
+    """ThingSpeak accepts '2014-12-31 23:59:59' (in ``timezone``, else UTC) or ISO 8601."""
+    stamp = text.strip().replace(" ", "T", 1)
+    if stamp[-1:] in ("Z", "z"):
+        stamp = stamp[:-1] + "+00:00"
+    try:
+        when = datetime.datetime.fromisoformat(stamp)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=zone or datetime.timezone.utc)
+        return int(when.timestamp() * 1000)
+    except (ValueError, OverflowError, OSError):
+        raise HTTPError(400, "%s must be a time such as 2026-07-01 12:00:00" % name) from None
+
+
+def parse_ts_params(query, body=b"", content_type=""):
+    """Parameters from the query string and a form or JSON body, each name once."""
+    params = {}
+    pairs = []
+    try:
+        pairs += urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=40, errors="strict")
+        if body and content_type.split(";")[0].strip().lower() == "application/json":
+            data = json.loads(body.decode("utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+            pairs += [(str(k), "" if v is None else str(v)) for k, v in data.items()
+                      if isinstance(v, (str, int, float)) or v is None]
+        elif body:
+            pairs += urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=40,
+                                            errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, "parameters are malformed (send a form, JSON object or query string)") from None
+    for name, value in pairs:
+        if name in params and params[name] != value:
+            raise HTTPError(400, "%s is given twice" % name[:20])
+        params[name] = value
+    return params
+
+
+def parse_ts_write(params):
+    """[(field, value)] and the entry time (ms or None) from a ThingSpeak write."""
+    values = []
+    for name, text in params.items():
+        match = _TS_FIELD_RE.fullmatch(name)
+        if match and text != "":  # an empty field is "no value", as on ThingSpeak
+            try:
+                values.append((int(match.group(1)), parse_value(text)))
+            except ValueError as exc:
+                raise HTTPError(400, "%s: %s" % (name, str(exc).replace("data ", "", 1))) from None
+    if not values:
+        raise HTTPError(400, "no field1 ... field8 with a value")
+    when = None
+    if params.get("created_at"):
+        when = _ts_parse_time("created_at", params["created_at"], _ts_zone(params))
+        if when > now_ms() + 300_000:
+            raise HTTPError(400, "created_at is in the future")
+    return sorted(values), when
+
+
+def _ts_entries(conn, station_id, field, params, zone, now):
+    """The entries a feed request asks for, oldest first: [(entry id, ms, {field: value})]."""
+    results = params.get("results", "")
+    if results and (not re.fullmatch(r"[0-9]{1,6}", results, re.ASCII) or int(results) > TS_MAX_RESULTS):
+        raise HTTPError(400, "results must be a whole number from 0 to %d" % TS_MAX_RESULTS)
+    limit = int(results) if results else TS_RESULTS
+    since, until = 0, now + 1
+    for name, unit in (("days", 86_400_000), ("minutes", 60_000)):
+        if params.get(name):
+            try:
+                amount = float(params[name])
+            except ValueError:
+                amount = -1
+            if not 0 < amount < 1e6:
+                raise HTTPError(400, "%s must be a positive number" % name)
+            since = max(since, now - int(amount * unit))
+    if params.get("start"):
+        since = max(since, _ts_parse_time("start", params["start"], zone))
+    if params.get("end"):
+        until = _ts_parse_time("end", params["end"], zone) + 1
+    sql = ("SELECT coalesce(entry, id), ts, field, value FROM readings WHERE station_id = ? AND ts >= ? "
+           "AND ts < ?%s ORDER BY ts DESC, id DESC LIMIT ?" % (" AND field = ?" if field else ""))
+    args = [station_id, since, until] + ([field] if field else []) + [limit * 8]
+    entries = collections.OrderedDict()
+    for entry, ts, f, value in conn.execute(sql, args):
+        if entry not in entries:
+            if len(entries) == limit:
+                break
+            entries[entry] = (ts, {})
+        entries[entry][1][f] = value
+    return [(entry, ts, values) for entry, (ts, values) in reversed(entries.items())]
+
+
+def _ts_channel(store, conn, station, now, zone):
+    """The 'channel' object of a ThingSpeak feed."""
+    store.latest(conn, station, 0)
+    last = conn.execute("SELECT max(coalesce(entry, id)) FROM readings WHERE station_id = ?",
+                        (station["id"],)).fetchone()[0]
+    created = conn.execute("SELECT created_at FROM stations WHERE id = ?", (station["id"],)).fetchone()[0]
+    channel = {"id": station["id"], "name": station["name"],
+               "description": "iotserver station %s" % station["mac"], "latitude": "0.0", "longitude": "0.0"}
+    for n in sorted(station["fields"]):
+        channel["field%d" % n] = FIELDS.get(n, ("Field %d" % n,))[0]
+    channel.update(created_at=_ts_time(created, zone),
+                   updated_at=_ts_time(station["last_seen"] or created, zone), last_entry_id=last)
+    return channel
+
+
+def render_ts_read(store, channel_id, what, field, fmt, params, private_key):
+    """Answer /channels/ID/...: feeds, a field's feed, last entries, last data age."""
+    now = now_ms()
+    zone = _ts_zone(params)
+    with store.reader() as conn:
+        station = next((s for s in store.station_list(conn) if s["id"] == channel_id), None)
+        if station is None:
+            raise HTTPError(404, "no channel %d" % channel_id)
+        if private_key is not None:  # --private: the server key or this channel's write key reads
+            given = params.get("api_key", "").encode()
+            key = conn.execute("SELECT write_key FROM stations WHERE id = ?", (channel_id,)).fetchone()[0]
+            if not (hmac.compare_digest(given, private_key.encode()) or hmac.compare_digest(given, key.encode())):
+                raise HTTPError(401, "this channel is private: send api_key")
+        if what == "view":
+            return _json(_ts_channel(store, conn, station, now, zone)), "application/json"
+        last = what in ("last", "age")
+        entries = _ts_entries(conn, channel_id, field, dict(params, results="1") if last else params, zone, now)
+        channel = _ts_channel(store, conn, station, now, zone) if not last else None
+    fields = [field] if field else sorted({f for _, _, values in entries for f in values} |
+                                          ({int(k[5:]) for k in channel if k[:5] == "field"} if channel else set()))
+
+    def feed(entry, ts, values):
+        item = {"created_at": _ts_time(ts, zone), "entry_id": entry}
+        item.update(("field%d" % f, _ts_value(values[f]) if f in values else None) for f in fields)
+        return item
+
+    if what == "age":
+        if not entries:
+            raise HTTPError(404, "no readings yet")
+        age = str(max(0, (now - entries[0][1]) // 1000))
+        if fmt == "json":
+            return _json({"last_data_age": age, "last_data_age_units": "s"}), "application/json"
+        return age.encode(), "text/plain; charset=utf-8"
+    if last:
+        if not entries:
+            # ThingSpeak answers -1; the 404 lets a careful script tell it from a reading of -1
+            return HTTPError(404, "-1"), None
+        if fmt == "txt":
+            return _ts_value(entries[0][2][field]).encode() if field else _json(feed(*entries[0])), \
+                "text/plain; charset=utf-8"
+        if fmt == "json":
+            return _json(feed(*entries[0])), "application/json"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["created_at", "entry_id"] + ["field%d" % f for f in fields])
+        for entry, ts, values in entries:
+            writer.writerow([_ts_time(ts, zone, csv_style=True), entry] +
+                            [_ts_value(values[f]) if f in values else "" for f in fields])
+        return buffer.getvalue().encode("utf-8"), "text/csv; charset=utf-8"
+    return _json({"channel": channel, "feeds": [feed(*e) for e in entries]}), "application/json"
+
+
+_TS_READ_RE = re.compile(
+    r"/channels/([0-9]{1,9})(?:(?P<feeds>/feeds)(?P<feedlast>/last)?|/fields/(?P<field>[1-8])"
+    r"(?P<last>/last|/last_data_age)?)?(?:\.(?P<fmt>json|csv|txt))?", re.ASCII)
+
+
+###############################################################################
 # HTTP handler ################################################################
 ###############################################################################
 
@@ -1092,6 +1354,8 @@ class Response:
         self.headers = list(headers)
 
 
+#: ThingSpeak's write paths (GET with a query, or POST with a form or JSON).
+_TS_UPDATE = ("/update", "/update.json")
 #: GET/HEAD paths other than /update, and the Handler method answering each.
 _PAGES = {"/": "_page", "/api/latest": "_latest", "/api/readings": "_readings",
           "/api/readings.json": "_readings", "/api/readings.csv": "_readings"}
@@ -1138,6 +1402,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if self.request_version == "HTTP/0.9":
                 self.request_version = "HTTP/1.0"  # answer with a status line all the same
+            self._body_read = False
             method = getattr(self, "do_" + self.command, None)
             if method is None:
                 self._send(self._method_not_allowed())
@@ -1155,15 +1420,21 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
 
     def do_GET(self):
-        self._send(self._route())
+        self._send(self._safely(self._route))
 
     def do_HEAD(self):
-        self._send(self._route())
+        self._send(self._safely(self._route))
 
     def do_POST(self):
+        path, query = self._target()
+        if path not in _TS_UPDATE:
+            return self._send(self._method_not_allowed())
+        self._send(self._safely(lambda: self._ts_update(path, query, self._body())))
+
+    def do_PUT(self):
         self._send(self._method_not_allowed())
 
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_POST
+    do_DELETE = do_PATCH = do_OPTIONS = do_PUT
 
     def _target(self):
         """(path, query) of the request, without scheme or host."""
@@ -1178,25 +1449,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _method_not_allowed(self):
         path = self._path()
-        if path in _PAGES or path == "/update" or path.startswith("/update/"):
-            allow = "GET" if path.startswith("/update") else "GET, HEAD"
+        if path in _PAGES or path in _TS_UPDATE or path.startswith("/update/") or _TS_READ_RE.fullmatch(path):
+            allow = "GET" if path.startswith("/update/") else "GET, POST" if path in _TS_UPDATE else "GET, HEAD"
             return HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "method %s not allowed here; use %s"
                              % (self.command[:16], allow), [("Allow", allow)])
         return HTTPError(HTTPStatus.NOT_FOUND, "no such page")
 
-    def _route(self):
-        """Find the route for a GET/HEAD and run it; errors come back as values."""
+    def _safely(self, route):
+        """Run a route; every error comes back as a value, none as a traceback to the client."""
         try:
-            path, query = self._target()
-            if path in _PAGES:
-                if not (path == "/" and self.command == "HEAD"):  # uptime monitors need no key
-                    self._authorize(query)
-                return getattr(self, _PAGES[path])(path, query)
-            if path == "/update" or path.startswith("/update/"):
-                if self.command == "HEAD":
-                    return HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "use GET to post a reading", [("Allow", "GET")])
-                return self._update(path)
-            return HTTPError(HTTPStatus.NOT_FOUND, "no such page")
+            return route()
         except HTTPError as exc:
             return exc
         except MemoryError:
@@ -1208,6 +1470,38 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:
             self.log_error("internal error:\n%s", traceback.format_exc())
             return HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
+
+    def _route(self):
+        """Find the route for a GET or HEAD."""
+        path, query = self._target()
+        if path in _PAGES:
+            if not (path == "/" and self.command == "HEAD"):  # uptime monitors need no key
+                self._authorize(query)
+            return getattr(self, _PAGES[path])(path, query)
+        if path in _TS_UPDATE or path.startswith("/update/"):
+            if self.command == "HEAD":
+                return HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "use GET to post a reading", [("Allow", "GET")])
+            return self._ts_update(path, query, b"") if path in _TS_UPDATE else self._update(path)
+        match = _TS_READ_RE.fullmatch(path)
+        if match:
+            return self._ts_read(match, query)
+        return HTTPError(HTTPStatus.NOT_FOUND, "no such page")
+
+    def _body(self):
+        """The request body (a ThingSpeak form or JSON), at most MAX_BODY bytes."""
+        if "Transfer-Encoding" in self.headers:
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
+        length = self.headers.get("Content-Length", "0").strip()
+        if not re.fullmatch(r"[0-9]{1,9}", length, re.ASCII):
+            raise HTTPError(400, "Content-Length is not a number")
+        if int(length) > MAX_BODY:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body is larger than %d bytes" % MAX_BODY)
+        body = self.rfile.read(int(length))
+        if len(body) != int(length):
+            self.close_connection = True
+            raise HTTPError(400, "body is shorter than its Content-Length")
+        self._body_read = True
+        return body
 
     # -- routes --
 
@@ -1289,6 +1583,64 @@ class Handler(BaseHTTPRequestHandler):
     def _from_proxy(self):
         return bool(self.client_address) and _plain_ip(self.client_address[0]) in self.server.trusted_proxies
 
+    def _ts_update(self, path, query, body):
+        """ThingSpeak's write: /update or /update.json with a channel's write key."""
+        server = self.server
+        params = parse_ts_params(query, body, self.headers.get("Content-Type", ""))
+        key = params.get("api_key") or self.headers.get("X-THINGSPEAKAPIKEY") or self.headers.get("THINGSPEAKAPIKEY")
+        address = self.client_ip()
+        wait = server.key_failures.peek(address)
+        if wait:
+            raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "too many wrong keys; wait", _retry_after(wait))
+        if not key:
+            raise HTTPError(HTTPStatus.UNAUTHORIZED, "api_key missing: a channel's write key (see --channel-key)")
+        found = server.store.station_for_write_key(key.encode("utf-8", "replace"))
+        if found is None:
+            server.key_failures.take(address)
+            raise HTTPError(HTTPStatus.UNAUTHORIZED, "wrong write API key")
+        values, when = parse_ts_write(params)
+        mac, channel = found
+        wait = server.buckets.take(mac)
+        if wait:  # ThingSpeak's clients read 0 as "not inserted"
+            return Response(b"0", headers=_retry_after(wait))
+        try:
+            entry = server.store.add_entry(mac, values, server.max_stations, when)
+        except Refused as exc:
+            raise HTTPError(HTTPStatus.FORBIDDEN, str(exc)) from None
+        if not path.endswith(".json"):
+            return Response(str(entry).encode())
+        stored = dict(values)
+        answer = {"channel_id": channel, "created_at": _ts_time(when or now_ms(), None), "entry_id": entry}
+        answer.update(("field%d" % f, _ts_value(stored[f]) if f in stored else None) for f in range(1, 9))
+        answer.update(latitude=None, longitude=None, elevation=None, status=None)
+        return Response(_json(answer), content_type="application/json")
+
+    def _ts_read(self, match, query):
+        """ThingSpeak's reads under /channels/ID."""
+        server = self.server
+        params = parse_ts_params(query)
+        last = match.group("last") or match.group("feedlast")
+        fmt = match.group("fmt") or ("txt" if last else "json")
+        what = ("age" if last == "/last_data_age" else "last" if last else
+                "feed" if match.group("feeds") or match.group("field") else "view")
+        if fmt == "txt" and what not in ("last", "age") or fmt == "csv" and what == "view":
+            raise HTTPError(HTTPStatus.NOT_FOUND, "no such page (use .json or .csv)")
+        address = self.client_ip()
+        if server.private and server.key_failures.peek(address):
+            raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "too many wrong keys; wait",
+                            _retry_after(server.key_failures.peek(address)))
+        try:
+            body, content_type = render_ts_read(
+                server.store, int(match.group(1)), what, int(match.group("field") or 0) or None, fmt, params,
+                server.api_key() if server.private else None)
+        except HTTPError as exc:
+            if exc.status == HTTPStatus.UNAUTHORIZED:
+                server.key_failures.take(address)
+            raise
+        if isinstance(body, HTTPError):
+            return body
+        return Response(body, content_type=content_type, headers=_API_HEADERS)
+
     # -- answering --
 
     def client_ip(self):
@@ -1305,7 +1657,8 @@ class Handler(BaseHTTPRequestHandler):
         if isinstance(response, HTTPError):
             body = ("%d %s\n" % (response.status, response.message)).encode("utf-8", "replace")
             response = Response(body, response.status, headers=response.headers)
-        if self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers:
+        if (self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers) \
+                and not self._body_read:
             # an unread request body would be parsed as the next request
             self.close_connection = True
         if self.server.stopping:
@@ -1535,6 +1888,12 @@ def build_parser():
     actions.add_argument("--rotate-key", action="store_true", help="replace the API key with a new random one")
     actions.add_argument("--lock", action="store_true", help="refuse stations not yet registered (403)")
     actions.add_argument("--unlock", action="store_true", help="register unknown stations again")
+    actions.add_argument("--channel-key", type=_mac_arg, metavar="MAC",
+                         help="print a station's ThingSpeak channel id and write key")
+    actions.add_argument("--rotate-channel-key", type=_mac_arg, metavar="MAC",
+                         help="give a station's ThingSpeak channel a new write key")
+    actions.add_argument("--add-channel", metavar="NAME",
+                         help="create a station for a ThingSpeak client that has no MAC; print its id and key")
     actions.add_argument("--backup", metavar="PATH",
                          help="write a consistent copy of the live database to PATH and exit")
     actions.add_argument("--prune-days", type=_positive(float), metavar="DAYS",
@@ -1554,8 +1913,8 @@ def _admin(args, store, out):
             print("no stations yet", file=out)
         for s in rows:
             seen = iso_utc(s["last_seen"]) if s["last_seen"] else "never"
-            print("%s  %-7s  %8d readings  last %s  %s" % (s["mac"], s["role"] or "-", s["readings"], seen,
-                                                         s["name"]), file=out)
+            print("%s  channel %-3d  %-7s  %8d readings  last %s  %s" % (
+                s["mac"], s["id"], s["role"] or "-", s["readings"], seen, s["name"]), file=out)
     elif args.rename:
         name = args.rename[1].strip()
         if not name or len(name) > 64 or any(ord(c) < 32 for c in name):
@@ -1580,6 +1939,17 @@ def _admin(args, store, out):
     elif args.lock or args.unlock:
         store.set_setting("locked", "1" if args.lock else "0")
         print("registration %s" % ("locked: unknown stations get 403" if args.lock else "open"), file=out)
+    elif args.channel_key or args.rotate_channel_key:
+        mac = args.channel_key or args.rotate_channel_key
+        channel, key = store.write_key(mac, rotate=bool(args.rotate_channel_key))
+        print("channel %d (%s) write key: %s" % (channel, mac, key), file=out)
+        print("example: %supdate?api_key=%s&field1=21.4" % ("http://%s:%d/" % (args.host, args.port), key), file=out)
+    elif args.add_channel:
+        name = args.add_channel.strip()
+        if not name or len(name) > 64 or any(ord(c) < 32 for c in name):
+            raise StoreError("a name is 1 to 64 printable characters")
+        channel, key = store.write_key(store.add_channel(name))
+        print("channel %d (%s) write key: %s" % (channel, name, key), file=out)
     elif args.backup:
         pages = store.backup(args.backup)
         print("backed up %s to %s (%d pages)" % (store.path, os.path.abspath(args.backup), pages), file=out)
@@ -1601,7 +1971,8 @@ def main(argv=None):
         if text is not None and not _MAC_RE.fullmatch(text):
             parser.error("not a MAC: %r (six hex pairs, e.g. 6c:ef:7a:3b:9d:e8)" % text)
     admin = any((args.stations, args.rename, args.role, args.forget, args.show_key, args.rotate_key,
-                 args.lock, args.unlock, args.prune_days, args.backup))
+                 args.lock, args.unlock, args.prune_days, args.backup, args.channel_key,
+                 args.rotate_channel_key, args.add_channel))
     try:
         store = Store(args.db, create=not admin)
     except StoreError as exc:

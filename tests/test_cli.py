@@ -106,8 +106,8 @@ def test_station_management(start):
     cli(server.db, "--role", MAC, "outdoor")
     cli(server.db, "--role", MAC2.upper(), "indoor")
     listing = cli(server.db, "--stations").stdout
-    assert re.search(r"%s\s+outdoor.*Window <outside>" % MAC, listing)
-    assert re.search(r"%s\s+indoor" % MAC2, listing)
+    assert re.search(r"%s\s+channel \d+\s+outdoor.*Window <outside>" % MAC, listing)
+    assert re.search(r"%s\s+channel \d+\s+indoor" % MAC2, listing)
     # one outdoor station at a time: marking another moves the role
     cli(server.db, "--role", MAC2, "outdoor")
     roles = dict(server.rows("SELECT mac, role FROM stations"))

@@ -77,12 +77,12 @@ def test_malformed_paths(server):
         "/update/API_key=%s/mac=%s/field=1/data=1/data=2" % (key, MAC): "twice",
         "/update/API_key=%s/mac=%s/field=1/data=1/extra=2" % (key, MAC): "unknown path segment",
         "/update/API_key=%s//mac=%s/field=1/data=1" % (key, MAC): "unknown path segment",
-        "/update": "missing",
         "/update/API_key=%s/mac=%s/field=1/data" % (key, MAC): "unknown path segment",
     }
     for path, words in cases.items():
         status, _, body = server.request(path)
         assert status == 400 and words in body, (path, body)
+    assert server.request("/update")[0] == 401  # ThingSpeak's write form, without a key
     # one trailing slash and a query string are harmless
     assert server.request("/update/API_key=%s/mac=%s/field=1/data=1/?x=1" % (key, MAC))[0] == 200
     # names are case-insensitive, like ThingSpeak's

@@ -56,7 +56,7 @@ def test_restart_keeps_the_key(start, tmp_path):
 
 def test_schema_is_versioned_and_in_wal_mode(server):
     assert server.update()[0] == 200
-    assert server.rows("PRAGMA user_version") == [(1,)]
+    assert server.rows("PRAGMA user_version") == [(2,)]
     assert server.rows("PRAGMA journal_mode") == [("wal",)]
     plan = " ".join(str(r) for r in server.rows(
         "EXPLAIN QUERY PLAN SELECT value FROM readings WHERE station_id = 1 AND field = 1 ORDER BY ts DESC LIMIT 1"))
@@ -119,3 +119,26 @@ def test_default_database_is_created_in_the_working_directory(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
     assert (tmp_path / "iotserver.db").exists()
+
+
+def test_a_version_1_database_migrates_on_start_and_keeps_its_readings(start, tmp_path):
+    sys.path.insert(0, str(IOTSERVER.parent))
+    import iotserver
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db)
+    with conn:
+        for statement in iotserver.MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("INSERT INTO stations (mac, name, created_at) VALUES (?, 'Old one', 0)", (MAC,))
+        conn.execute("INSERT INTO settings VALUES ('api_key', 'the-old-key-1234')")
+        conn.executemany("INSERT INTO readings (station_id, field, value, ts) VALUES (1, 1, ?, ?)",
+                         [(20.0 + i, 1_700_000_000_000 + i) for i in range(3)])
+    conn.close()
+    server = start(*FAST, db=db)
+    assert server.rows("PRAGMA user_version") == [(2,)]
+    [(key,)] = server.rows("SELECT write_key FROM stations")
+    assert len(key) == 16 and key.isalnum() and key.upper() == key
+    assert server.update("24.0", key="the-old-key-1234")[0] == 200
+    assert [r[2] for r in server.rows()] == [20.0, 21.0, 22.0, 24.0]
+    assert server.rows("PRAGMA integrity_check") == [("ok",)]
