@@ -1,0 +1,43 @@
+"""Stand-in for MicroPython's network module: a Wi-Fi link the test can drop."""
+
+STA_IF = 0
+MAC = b"\x6c\xef\x7a\x3b\x9d\xe8"
+
+
+class WLAN:
+    up = False  # the station's association
+    reachable = True  # whether the access point answers at all
+    connects = 0
+    refuse_next = 0  # connect attempts that fail before the link comes back
+
+    def __init__(self, interface):
+        self.interface = interface
+
+    def active(self, on=None):
+        return True
+
+    def connect(self, ssid, password):
+        WLAN.connects += 1
+        if WLAN.refuse_next > 0:
+            WLAN.refuse_next -= 1
+            return
+        WLAN.up = WLAN.reachable
+
+    def isconnected(self):
+        return WLAN.up
+
+    def disconnect(self):
+        WLAN.up = False
+
+    def config(self, name):
+        assert name == "mac"
+        return MAC
+
+    def ifconfig(self):
+        return ("192.0.2.10", "255.255.255.0", "192.0.2.1", "192.0.2.1")
+
+
+def drop(failed_reconnects=0):
+    """The access point goes away; the next ``failed_reconnects`` connects fail."""
+    WLAN.up = False
+    WLAN.refuse_next = failed_reconnects
