@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Take an ESP8266 board from blank to posting, in one command (runs on your computer).
+
+    python3 firmware/flash.py --port /dev/ttyUSB0 --firmware ESP8266_GENERIC-v1.27.0.bin \\
+        --server https://iot.example.org --ssid MyWiFi --api-key KEY [--sensor bmp280]
+
+1. erases the board and writes MicroPython with esptool (skip with --skip-firmware),
+2. writes config.py from the arguments (asks for what is missing; passwords without echo),
+3. uploads the station files and config.py with ampy, and lists the board's files.
+
+--dry-run prints the commands instead of running them. Needs: pip install esptool adafruit-ampy
+(both in requirements-dev.txt). The API key and Wi-Fi password are never printed.
+"""
+
+import argparse
+import getpass
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: What goes on the board, in upload order (main.py last: the board starts the station with it).
+DEVICE_FILES = ("boot.py", "wifi.py", "httpc.py", "mcp9808.py", "bmp280.py", "app.py", "main.py")
+SENSORS = ("mcp9808", "bmp280")
+
+
+class FlashError(Exception):
+    """A step failed; the message says what to do."""
+
+
+def esptool_commands(port, firmware, baud):
+    base = [sys.executable, "-m", "esptool", "--chip", "esp8266", "--port", port, "--baud", str(baud)]
+    return [base + ["erase-flash"], base + ["write-flash", "--flash-size=detect", "0", firmware]]
+
+
+def ampy_command(port, *args):
+    # ampy has no __main__; its click entry point reads sys.argv
+    return [sys.executable, "-c", "import sys; from ampy.cli import cli; sys.exit(cli())", "--port", port] + list(args)
+
+
+def config_text(args):
+    return ("# written by firmware/flash.py; never commit this file\n"
+            "SERVER = %r\nAPI_KEY = %r\nSSID = %r\nWIFI_PASSWORD = %r\nINTERVAL = %d\nSENSOR = %r\nDEEP_SLEEP = %r\n"
+            % (args.server.rstrip("/"), args.api_key, args.ssid, args.password, args.interval, args.sensor,
+               args.deep_sleep))
+
+
+def shown(command, secrets):
+    """A command line as text, with secrets masked."""
+    text = " ".join(command)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "****")
+    return text
+
+
+def run(command, what, port, timeout):
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # ampy waits forever for a board that never answers
+        raise FlashError("%s did not finish within %d s: the board did not answer on %s; press RESET, and check "
+                         "MicroPython is on it (drop --skip-firmware to write it)" % (what, timeout, port)) from None
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        hint = "is the board plugged in with a data (not charge-only) USB cable, and is %s its port? " \
+               "(ls /dev/ttyUSB* /dev/ttyACM*; a CP210x board may need its driver)" % port
+        if what == "upload":
+            hint = "the board did not answer on %s: press RESET, and check MicroPython is on it " \
+                   "(drop --skip-firmware to write it)" % port
+        raise FlashError("%s failed (exit %d): %s\n%s" % (what, proc.returncode, detail[-1] if detail else "", hint))
+    return proc.stdout
+
+
+def ask(args):
+    """Fill in what the command line left out, asking on the terminal."""
+    if not args.server:
+        args.server = input("Server URL (https://...): ").strip()
+    if not args.ssid:
+        args.ssid = input("Wi-Fi name (SSID): ").strip()
+    if args.password is None:
+        args.password = getpass.getpass("Wi-Fi password: ")
+    if not args.api_key:
+        args.api_key = getpass.getpass("API key (python3 iotserver.py --show-key): ").strip()
+    if not args.server.startswith(("http://", "https://")):
+        raise FlashError("--server must start with http:// or https://")
+    if not args.ssid or not args.api_key:
+        raise FlashError("the Wi-Fi name and the API key are needed")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="flash.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", required=True, help="the board's serial port, e.g. /dev/ttyUSB0")
+    parser.add_argument("--firmware", help="MicroPython image for the ESP8266 (.bin) to write")
+    parser.add_argument("--skip-firmware", action="store_true", help="MicroPython is already on the board")
+    parser.add_argument("--server", help="iotserver's URL, e.g. https://iot.example.org")
+    parser.add_argument("--ssid", help="Wi-Fi name")
+    parser.add_argument("--password", help="Wi-Fi password (asked without echo if left out)")
+    parser.add_argument("--api-key", help="iotserver's API key (asked without echo if left out)")
+    parser.add_argument("--sensor", choices=SENSORS, default="mcp9808", help="the station's sensor")
+    parser.add_argument("--interval", type=int, default=60, help="seconds between readings (default 60)")
+    parser.add_argument("--deep-sleep", action="store_true", help="battery station: needs GPIO16 wired to RST")
+    parser.add_argument("--baud", type=int, default=460800, help="esptool's baud rate")
+    parser.add_argument("--timeout", type=int, default=60, help="seconds each upload step may take (default 60)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if not args.skip_firmware:
+            if not args.firmware:
+                raise FlashError("give --firmware FILE.bin (MicroPython for the ESP8266) or --skip-firmware")
+            if not os.path.isfile(args.firmware):
+                raise FlashError("no firmware file %s" % args.firmware)
+        ask(args)
+        secrets = (args.api_key, args.password)
+        steps = []
+        if not args.skip_firmware:
+            steps += [(cmd, "esptool") for cmd in esptool_commands(args.port, args.firmware, args.baud)]
+        with tempfile.TemporaryDirectory() as tmp:
+            config = os.path.join(tmp, "config.py")
+            with open(config, "w") as f:
+                os.chmod(config, 0o600)
+                f.write(config_text(args))
+            for name in DEVICE_FILES[:-1] + ("config.py", DEVICE_FILES[-1]):
+                local = config if name == "config.py" else os.path.join(HERE, name)
+                steps.append((ampy_command(args.port, "put", local, name), "upload"))
+            steps.append((ampy_command(args.port, "ls"), "upload"))
+            for command, what in steps:
+                print("$ " + shown(command, secrets), flush=True)
+                if not args.dry_run:
+                    output = run(command, what, args.port, args.timeout if what == "upload" else 600)
+            if args.dry_run:
+                print("config.py would hold:\n" + shown([config_text(args)], secrets))
+                return 0
+        listing = output.split()
+        missing = [name for name in DEVICE_FILES + ("config.py",) if "/" + name not in listing and name not in listing]
+        if missing:
+            raise FlashError("the board's files lack %s after the upload" % ", ".join(missing))
+        print("board files: %s" % " ".join(listing))
+        print("done: press RESET (or power-cycle); the station prints its MAC and each post on the serial console")
+        return 0
+    except FlashError as exc:
+        print("flash.py: %s" % exc, file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, EOFError):
+        print("\nflash.py: stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
