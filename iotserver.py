@@ -57,7 +57,9 @@ MAX_BUCKETS = 10_000
 DEFAULT_MAX_STATIONS = 100
 #: Seconds between the page's own refreshes.
 DEFAULT_REFRESH = 30
-#: Seconds an idle or slow client may hold a connection (and its thread).
+#: Connections (each a thread) served at once; the systemd unit allows 512 tasks.
+MAX_CONNECTIONS = 400
+#: Seconds an idle client may keep a connection, and a slow one may take to send a request.
 DEFAULT_TIMEOUT = 20.0
 #: Largest |value| accepted; real sensors are far below (pressure in Pa is ~1e5).
 MAX_ABS_VALUE = 1e9
@@ -65,6 +67,10 @@ MAX_ABS_VALUE = 1e9
 MAX_DATA_LEN = 32
 #: Longest /update path accepted, in bytes.
 MAX_UPDATE_PATH = 512
+#: Seconds a write waits for another process's lock (a prune batch takes milliseconds).
+BUSY_TIMEOUT = 5.0
+#: After a failed write, further writes are refused at once for this long (no pile-up).
+FAIL_FAST_SECONDS = 1.0
 #: Rows deleted per transaction when pruning, so the server never waits long.
 PRUNE_BATCH = 2000
 #: Station roles the page compares.
@@ -306,6 +312,7 @@ class Store:
         self._pending = []  # readings waiting for the write lock: [mac, field, value, ts, max, id, error]
         self._pending_lock = threading.Lock()
         self._readers = []  # idle read-only connections; list.pop/append are atomic
+        self._failing_until = 0.0  # monotonic time until which writes fail fast (see add_entry)
         self._series_cache = {}  # (station, field, bucket) -> (data_version, {bucket: avg}, complete until)
         try:
             self._conn = self._connect()
@@ -321,7 +328,8 @@ class Store:
         self._refresh()
 
     def _connect(self):
-        conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        # a station gives up after ~10 s: answer 503 before that rather than wait longer
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
         try:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
@@ -423,6 +431,9 @@ class Store:
         the lock, and whoever gets it first writes every waiting entry in one
         transaction. Each caller still returns only after its own entry committed.
         """
+        if time.monotonic() < self._failing_until:
+            # a write just failed (locked, full, read-only): answer at once instead of queueing
+            raise sqlite3.OperationalError("storage failed a moment ago; not retried yet")
         item = [mac, values, now_ms() if ts is None else ts, max_stations, None, None]
         with self._pending_lock:
             self._pending.append(item)
@@ -430,7 +441,12 @@ class Store:
             if item[4] is None and item[5] is None:
                 with self._pending_lock:
                     batch, self._pending = self._pending, []
-                self._write_batch(batch)
+                if time.monotonic() < self._failing_until:  # queued behind a write that just failed
+                    error = sqlite3.OperationalError("storage failed a moment ago; not retried yet")
+                    for waiting in batch:
+                        waiting[5] = error
+                else:
+                    self._write_batch(batch)
         if item[5] is not None:
             raise item[5]
         return item[4]
@@ -466,6 +482,8 @@ class Store:
         except Exception as exc:
             for item in batch:
                 item[4], item[5] = None, exc
+            if isinstance(exc, sqlite3.Error):
+                self._failing_until = time.monotonic() + FAIL_FAST_SECONDS
             return
         # cached only once the transaction has committed
         for mac, (station_id, write_key) in added.items():
@@ -1376,7 +1394,8 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.client_timeout  # idle clients cannot hold a thread forever
         super().setup()
-        self._busy = False
+        # idle: waiting for a request line; reading: its headers or body; busy: answering it
+        self._phase, self._since, self._dropped = "idle", time.monotonic(), False
         self.server.track(self, True)
 
     def finish(self):
@@ -1389,8 +1408,9 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         """Read one request and dispatch by method name; unknown methods get 405, not 501."""
         try:
+            self._phase = "idle"
             self.raw_requestline = self.rfile.readline(65537)
-            self._busy = True
+            self._phase, self._since = "reading", time.monotonic()
             if len(self.raw_requestline) > 65536:
                 self.requestline = self.request_version = self.command = ""
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
@@ -1400,6 +1420,10 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if not self.parse_request():
                 return
+            if self._dropped:  # too slow: the rest of the request never came
+                self.close_connection = True
+                return
+            self._phase = "busy"
             if self.request_version == "HTTP/0.9":
                 self.request_version = "HTTP/1.0"  # answer with a status line all the same
             self._body_read = False
@@ -1414,9 +1438,13 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except (ConnectionError, BrokenPipeError):
             self.close_connection = True
+        except OSError:
+            if not self._dropped:
+                raise
+            self.close_connection = True
         finally:
-            self._busy = False
-            if self.server.stopping:
+            self._phase = "idle"
+            if self.server.stopping or self._dropped:
                 self.close_connection = True
 
     def do_GET(self):
@@ -1465,8 +1493,8 @@ class Handler(BaseHTTPRequestHandler):
             raise
         except sqlite3.Error as exc:
             self.log_error("storage error: %s", exc)
-            return HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable, try again later",
-                             _retry_after(30))
+            return HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable, nothing stored; try again",
+                             _retry_after(10))
         except Exception:
             self.log_error("internal error:\n%s", traceback.format_exc())
             return HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
@@ -1496,7 +1524,16 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(400, "Content-Length is not a number")
         if int(length) > MAX_BODY:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body is larger than %d bytes" % MAX_BODY)
-        body = self.rfile.read(int(length))
+        self._phase = "reading"  # a body trickled in byte by byte is cut off like slow headers
+        try:
+            body = self.rfile.read(int(length))
+        except OSError:  # the socket timeout: the rest of the body never came
+            self.close_connection = True
+            raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, "the body did not arrive in time") from None
+        finally:
+            self._phase = "busy"
+        if self._dropped:
+            raise HTTPError(400, "body too slow")
         if len(body) != int(length):
             self.close_connection = True
             raise HTTPError(400, "body is shorter than its Content-Length")
@@ -1733,7 +1770,8 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address, store, api_key=None, rate=DEFAULT_RATE, burst=DEFAULT_BURST,
                  client_timeout=DEFAULT_TIMEOUT, quiet=False, max_stations=DEFAULT_MAX_STATIONS,
-                 view=None, refresh=DEFAULT_REFRESH, private=False, trusted_proxies=("127.0.0.1", "::1")):
+                 view=None, refresh=DEFAULT_REFRESH, private=False, trusted_proxies=("127.0.0.1", "::1"),
+                 max_connections=MAX_CONNECTIONS):
         self.store = store
         self.fixed_key = api_key
         self.buckets = TokenBuckets(rate / 60.0, burst)
@@ -1748,9 +1786,14 @@ class Server(ThreadingHTTPServer):
         self.stopping = False
         self._connections = set()
         self._connections_lock = threading.Lock()
+        self._open = 0
+        self.dropped = 0
+        self.max_connections = max_connections
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
+        self._reaper_stop = threading.Event()
+        threading.Thread(target=self._reap, name="reaper", daemon=True).start()
 
     def api_key(self):
         """The key stations must send: the fixed one, or the one stored (it may be rotated)."""
@@ -1760,15 +1803,63 @@ class Server(ThreadingHTTPServer):
         with self._connections_lock:
             (self._connections.add if alive else self._connections.discard)(handler)
 
+    def process_request(self, request, client_address):
+        """A thread per connection, at most MAX_CONNECTIONS: past that, the slowest client makes room."""
+        with self._connections_lock:
+            self._open += 1
+            full = self._open > self.max_connections
+            waiting = [h for h in self._connections if h._phase != "busy" and not h._dropped]
+        if full:
+            if not waiting:
+                self.dropped += 1
+                self.shutdown_request(request)
+                return
+            self._drop(min(waiting, key=lambda h: h._since))
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._connections_lock:
+            self._open -= 1
+        super().shutdown_request(request)
+
+    def _drop(self, handler, how=socket.SHUT_RDWR):
+        handler._dropped = True
+        self.dropped += 1
+        with contextlib.suppress(OSError):
+            handler.connection.shutdown(how)
+
+    def _reap(self):
+        """Drop clients that take longer than the timeout to send a whole request (slowloris).
+
+        The socket timeout bounds each read, not the request: a client that sends
+        one byte every few seconds would otherwise hold its thread for ever.
+        """
+        reported, last_report = 0, 0.0
+        while not self._reaper_stop.wait(0.5):
+            now = time.monotonic()
+            with self._connections_lock:
+                slow = [h for h in self._connections if h._phase == "reading" and not h._dropped
+                        and now - h._since > self.client_timeout]
+            for handler in slow:
+                self._drop(handler)
+            if self.dropped > reported and now - last_report > 60 and not self.quiet:  # one line a minute at most
+                print("iotserver: dropped %d slow or surplus clients" % (self.dropped - reported),
+                      file=sys.stderr, flush=True)
+                reported, last_report = self.dropped, now
+
     def stop(self):
-        """Stop accepting, let busy requests finish, hang up on idle keep-alive clients."""
+        """Stop accepting, let requests being answered finish, hang up on everyone else."""
         self.stopping = True
         self.shutdown()
         with self._connections_lock:
-            idle = [h for h in self._connections if not h._busy]
-        for handler in idle:
-            with contextlib.suppress(OSError):
-                handler.connection.shutdown(socket.SHUT_RD)
+            waiting = [h for h in self._connections if h._phase != "busy"]
+        for handler in waiting:
+            if handler._phase == "idle":
+                with contextlib.suppress(OSError):
+                    handler.connection.shutdown(socket.SHUT_RD)  # its readline returns: no request
+            else:
+                self._drop(handler)
+        self._reaper_stop.set()
         self.server_close()
 
     def url(self):
@@ -1860,6 +1951,9 @@ def build_parser():
                          help="stations registered at most (default: %(default)s)")
     serving.add_argument("--timeout", type=_positive(float), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                          help="drop clients idle this long (default: %(default)g)")
+    serving.add_argument("--max-connections", type=_positive(int), default=MAX_CONNECTIONS, metavar="N",
+                         help="connections (threads) served at once; past that the slowest client is dropped "
+                              "(default: %(default)s)")
     serving.add_argument("--quiet", action="store_true", help="do not log one line per request")
     serving.add_argument("--trusted-proxy", action="append", metavar="ADDR",
                          help="a reverse proxy whose X-Real-IP header names the client; repeat for more, "
@@ -1991,7 +2085,8 @@ def main(argv=None):
         server = Server((args.host, args.port), store, api_key=args.api_key, rate=args.rate,
                         burst=args.burst, client_timeout=args.timeout, quiet=args.quiet,
                         max_stations=args.max_stations, view=View(args.unit, args.tz, args.dead_band),
-                        refresh=args.refresh, private=args.private, trusted_proxies=_proxies(args.trusted_proxy))
+                        refresh=args.refresh, private=args.private, trusted_proxies=_proxies(args.trusted_proxy),
+                        max_connections=args.max_connections)
     except (OSError, sqlite3.Error) as exc:
         print("iotserver: cannot start: %s" % exc, file=sys.stderr)
         store.close()
