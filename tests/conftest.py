@@ -32,6 +32,16 @@ def need_tool(name):
     pytest.skip("%s is not installed (apt-get install it, or run .ci/run)" % name)
 
 
+def need_module(name):
+    """Import a Python package the tests need; skip without it on a laptop, fail under CI."""
+    try:
+        return __import__(name)
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("%s is required under CI (pip install -r requirements-dev.txt)" % name)
+        pytest.skip("%s is not installed (pip install -r requirements-dev.txt)" % name)
+
+
 def cli(db, *args, check=True, env=None):
     """Run iotserver.py with --db and the given flags; return the finished process."""
     proc = subprocess.run([sys.executable, str(IOTSERVER), "--db", str(db), *args],

@@ -1,7 +1,6 @@
 """The page in a real browser: headless Chromium at a phone and a desktop viewport."""
 
 import os
-import pathlib
 import re
 
 import pytest

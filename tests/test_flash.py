@@ -13,7 +13,7 @@ import tty
 
 import pytest
 
-from conftest import ROOT
+from conftest import need_module, ROOT
 
 FLASH = ROOT / "firmware" / "flash.py"
 DEVICE_FILES = ["boot.py", "wifi.py", "httpc.py", "mcp9808.py", "bmp280.py", "app.py", "main.py"]
@@ -135,7 +135,7 @@ class FakeBoard:
 
 @pytest.fixture
 def board():
-    pytest.importorskip("ampy")
+    need_module("ampy")
     b = FakeBoard()
     yield b
     b.close()
@@ -184,7 +184,7 @@ def test_dry_run_shows_the_esptool_and_ampy_steps(tmp_path):
 
 
 def test_esptool_error_on_a_missing_port_is_explained(tmp_path):
-    pytest.importorskip("esptool")
+    need_module("esptool")
     firmware = tmp_path / "fw.bin"
     firmware.write_bytes(b"\xe9" + b"\x00" * 100)
     proc = flash("--port", str(tmp_path / "ttyUSB9"), "--firmware", str(firmware), "--server", "http://x.org",
@@ -195,7 +195,7 @@ def test_esptool_error_on_a_missing_port_is_explained(tmp_path):
 
 
 def test_a_board_that_does_not_answer(tmp_path):
-    pytest.importorskip("ampy")
+    need_module("ampy")
     master, slave = pty.openpty()  # a port that exists, with nothing on the other end
     try:
         proc = flash("--port", os.ttyname(slave), "--skip-firmware", "--server", "http://x.org", "--ssid", "H",

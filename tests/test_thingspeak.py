@@ -4,12 +4,11 @@ import csv
 import io
 import json
 import re
-import time
 import urllib.parse
 
 import pytest
 
-from conftest import FAST, MAC, cli
+from conftest import need_module, FAST, MAC, cli
 
 
 def channel_of(server, mac=MAC):
@@ -31,7 +30,7 @@ def _parsed(text):
 
 
 def test_the_pypi_thingspeak_client(server, channel):
-    thingspeak = pytest.importorskip("thingspeak")
+    thingspeak = need_module("thingspeak")
     channel_id, key = channel
     ch = thingspeak.Channel(channel_id, api_key=key, server_url=server.url)
     first = _parsed(ch.update({"field1": 21.4, "field2": 1013.25}))
@@ -57,7 +56,7 @@ def test_the_pypi_thingspeak_client(server, channel):
 
 
 def test_a_channel_for_a_client_without_a_mac(server):
-    thingspeak = pytest.importorskip("thingspeak")
+    thingspeak = need_module("thingspeak")
     out = cli(server.db, "--add-channel", "Garden script").stdout
     channel_id, key = re.search(r"channel (\d+) \(Garden script\) write key: (\w{16})", out).groups()
     ch = thingspeak.Channel(int(channel_id), api_key=key, server_url=server.url)
@@ -173,7 +172,7 @@ def test_write_errors_and_key_handling(server, channel):
 
 def test_rate_limited_write_answers_0(start):
     server = start("--rate", "1", "--burst", "1")
-    thingspeak = pytest.importorskip("thingspeak")
+    thingspeak = need_module("thingspeak")
     cli(server.db, "--add-channel", "Slow")
     channel_id, key = channel_of(server, _mac_of(server, "Slow"))
     assert _get(server, "/update?api_key=%s&field1=1" % key)[0] == 200
