@@ -313,6 +313,7 @@ class Store:
         self._pending_lock = threading.Lock()
         self._readers = []  # idle read-only connections; list.pop/append are atomic
         self._failing_until = 0.0  # monotonic time until which writes fail fast (see add_entry)
+        self._latest, self._latest_version, self._writes = {}, None, 0  # see latest()
         self._series_cache = {}  # (station, field, bucket) -> (data_version, {bucket: avg}, complete until)
         try:
             self._conn = self._connect()
@@ -489,6 +490,10 @@ class Store:
         for mac, (station_id, write_key) in added.items():
             self._stations[mac] = station_id
             self._write_keys[write_key] = mac
+        self._writes += 1
+        for item in batch:
+            if item[4] is not None:
+                self._remember(self._stations[item[0]], item[1], item[2])
         if any(item[2] < now_ms() - 60_000 for item in batch):
             self._series_cache.clear()  # a back-dated entry (created_at) may land in a finished bucket
 
@@ -633,29 +638,75 @@ class Store:
                             "ORDER BY role IS NULL, role DESC, name, mac").fetchall()
         return [dict(zip(("id", "mac", "name", "role"), row)) for row in rows]
 
-    def latest(self, conn, station, since_ms):
-        """Fill ``station`` with its latest value per field, min/max since ``since_ms``, interval."""
+    def latest(self, conn, station, since_ms=None):
+        """Fill ``station`` with its latest value per field, min/max since ``since_ms``, interval.
+
+        Kept in memory and updated by every write, so a page with many stations costs
+        dictionary look-ups, not eight queries a station; read from the database on
+        first use and again whenever another process changed it.
+        """
+        self._refresh()
+        with self._lock:
+            if self._latest_version != self._data_version:
+                self._latest.clear()
+                self._latest_version = self._data_version
+            entry, writes = self._latest.get(station["id"]), self._writes
+        if entry is None:
+            entry = self._load_latest(conn, station["id"])
+            with self._lock:
+                if writes == self._writes and self._latest_version == self._data_version:
+                    self._latest[station["id"]] = entry  # nothing was written meanwhile
         fields = {}
-        for field in range(1, 9):  # eight index seeks: cheap at any table size
-            row = conn.execute("SELECT value, ts FROM readings WHERE station_id = ? AND field = ? "
-                               "ORDER BY ts DESC LIMIT 1", (station["id"], field)).fetchone()
-            if row is None:
-                continue
-            low, high = conn.execute("SELECT min(value), max(value) FROM readings "
-                                     "WHERE station_id = ? AND field = ? AND ts >= ?",
-                                     (station["id"], field, since_ms)).fetchone()
-            fields[field] = {"value": row[0], "ts": row[1], "min": low, "max": high}
+        for field, (value, ts) in sorted(entry["fields"].items()):
+            low = high = None
+            if since_ms is not None:
+                span = entry["ranges"].get((field, since_ms))
+                if span is None:
+                    span = conn.execute("SELECT min(value), max(value) FROM readings WHERE station_id = ? "
+                                        "AND field = ? AND ts >= ?", (station["id"], field, since_ms)).fetchone()
+                    with self._lock:
+                        if writes == self._writes:
+                            entry["ranges"][(field, since_ms)] = list(span)
+                low, high = span
+            fields[field] = {"value": value, "ts": ts, "min": low, "max": high}
         station["fields"] = fields
         station["last_seen"] = max((f["ts"] for f in fields.values()), default=None)
-        interval = None
+        recent = list(entry["recent"])
+        gaps = sorted(a - b for a, b in zip(recent, recent[1:]))
+        station["interval_ms"] = gaps[len(gaps) // 2] if gaps else None
+        return station
+
+    def _load_latest(self, conn, station_id):
+        """A station's latest values from the database: eight index seeks, cheap at any table size."""
+        fields = {}
+        for field in range(1, 9):
+            row = conn.execute("SELECT value, ts FROM readings WHERE station_id = ? AND field = ? "
+                               "ORDER BY ts DESC LIMIT 1", (station_id, field)).fetchone()
+            if row is not None:
+                fields[field] = row
+        recent = []
         if fields:
             recent = [r[0] for r in conn.execute(
                 "SELECT ts FROM readings WHERE station_id = ? AND field = ? ORDER BY ts DESC LIMIT 7",
-                (station["id"], min(fields)))]
-            gaps = sorted(a - b for a, b in zip(recent, recent[1:]))
-            interval = gaps[len(gaps) // 2] if gaps else None
-        station["interval_ms"] = interval
-        return station
+                (station_id, min(fields)))]
+        return {"fields": fields, "recent": recent, "ranges": {}}
+
+    def _remember(self, station_id, values, ts):
+        """Update the in-memory latest values after a committed write (under the lock)."""
+        entry = self._latest.get(station_id)
+        if entry is None:
+            return
+        primary = min([f for f, _ in values] + list(entry["fields"]))
+        for field, value in values:
+            current = entry["fields"].get(field)
+            if current is None or ts >= current[1]:
+                entry["fields"][field] = (value, ts)
+            for (f, since), span in entry["ranges"].items():
+                if f == field and ts >= since:
+                    span[0] = value if span[0] is None else min(span[0], value)
+                    span[1] = value if span[1] is None else max(span[1], value)
+        if any(f == primary for f, _ in values):
+            entry["recent"] = sorted(entry["recent"] + [ts], reverse=True)[:7]
 
     def series(self, conn, station_id, field, since_ms, bucket_ms, now):
         """Average of a field per time bucket since ``since_ms``: [(bucket start ms, value)].
@@ -717,6 +768,8 @@ ADVICE_MEMORY_MS = 2 * 3_600_000
 #: The chart: last 24 hours, averaged into 10-minute buckets (at most 145 points a line).
 CHART_MS = 24 * 3_600_000
 CHART_BUCKET_MS = 10 * 60_000
+#: Station cards on the page at most (the compared ones and the most recently heard).
+MAX_CARDS = 24
 #: Readings returned by /api/readings by default and at most.
 API_LIMIT, API_MAX_LIMIT = 1000, 100_000
 
@@ -1002,7 +1055,9 @@ def render_page(store, view, now, base_url, api_key, refresh, fragment=False):
                      "and <code>--role MAC indoor</code></p>"
         parts.append('<section class="headline %s" id="headline"><h1>%s</h1>%s</section>' % (kind, esc(text), detail))
     parts.append('<div class="cards">')
-    for s in stations:
+    # the compared stations first, then the most recently heard; a long tail is left to /api/latest
+    shown = sorted(stations, key=lambda s: (s["role"] is None, s["role"] != "outdoor", -(s["last_seen"] or 0)))
+    for s in shown[:MAX_CARDS]:
         offline = is_offline(s, now)
         role = '<span class="role">%s</span>' % esc(s["role"]) if s["role"] else ""
         if s["last_seen"] is None:
@@ -1023,6 +1078,9 @@ def render_page(store, view, now, base_url, api_key, refresh, fragment=False):
         parts.append('<section class="card%s" data-mac="%s"><h2>%s%s</h2>%s%s<dl>%s</dl></section>'
                      % (" offline" if offline else "", esc(s["mac"]), esc(s["name"]), role, mac, seen, "".join(rows)))
     parts.append("</div>")
+    if len(shown) > MAX_CARDS:
+        parts.append('<p class="muted">… and %d more stations: <a href="/api/latest">/api/latest</a> lists them all.</p>'
+                     % (len(shown) - MAX_CARDS))
     if stations:
         legend = " · ".join('<b class="k-%s">━</b> %s' % (css, esc(s["name"])) for s, css, _ in lines)
         parts.append('<section class="panel"><h2>Last 24 hours</h2>%s<p class="legend">%s</p></section>'
@@ -1046,7 +1104,7 @@ def iso_ms(ms):
 def render_latest(store, now):
     """/api/latest: every station with its role, last-seen time and latest value per field."""
     with store.reader() as conn:
-        stations = [store.latest(conn, s, now - CHART_MS) for s in store.station_list(conn)]
+        stations = [store.latest(conn, s) for s in store.station_list(conn)]
     return _json({"generated": iso_ms(now), "stations": [{
         "mac": s["mac"], "name": s["name"], "role": s["role"],
         "last_seen": iso_ms(s["last_seen"]) if s["last_seen"] else None,
@@ -1264,7 +1322,7 @@ def _ts_entries(conn, station_id, field, params, zone, now):
 
 def _ts_channel(store, conn, station, now, zone):
     """The 'channel' object of a ThingSpeak feed."""
-    store.latest(conn, station, 0)
+    store.latest(conn, station)
     last = conn.execute("SELECT max(coalesce(entry, id)) FROM readings WHERE station_id = ?",
                         (station["id"],)).fetchone()[0]
     created = conn.execute("SELECT created_at FROM stations WHERE id = ?", (station["id"],)).fetchone()[0]

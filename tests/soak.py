@@ -73,7 +73,14 @@ class Server:
 
     def signal(self, sig):
         self.proc.send_signal(sig)
-        code = self.proc.wait(60)
+        try:
+            code = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            if os.environ.get("SOAK_DUMP"):
+                subprocess.run(["py-spy", "dump", "--pid", str(self.proc.pid)])
+            self.proc.kill()
+            self.proc.wait()
+            code = "still running 60 s after %s" % signal.Signals(sig).name
         self.exits.append((signal.Signals(sig).name, code))
         return code
 

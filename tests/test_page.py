@@ -2,6 +2,7 @@
 
 import base64
 import html
+import json
 import re
 import sqlite3
 import time
@@ -214,3 +215,29 @@ def test_chart_forgets_what_another_process_pruned(server):
     second = _svg(server.request("/")[2])
     assert ">50</text>" not in second
     assert len(re.findall(r'class="line outdoor"', second)) == 1  # just the fresh reading left
+
+
+def test_todays_range_follows_new_readings(server):
+    assert server.update("20", mac=OUT)[0] == 200
+    server.request("/")  # the page has read the station once: later readings update it in memory
+    for value in ("25", "18"):
+        assert server.update(value, mac=OUT)[0] == 200
+        server.request("/")
+    card = re.search(r'<section class="card[^"]*" data-mac="%s">.*?</section>' % OUT, server.request("/")[2]).group(0)
+    assert "64.4\u00a0°F</span>" in card  # 18 °C is the latest
+    assert "today 64.4\u00a0°F – 77.0\u00a0°F" in card
+    cli(server.db, "--forget", OUT)  # another process changes the database: the page follows
+    assert 'data-mac="%s"' % OUT not in server.request("/")[2]
+
+
+def test_many_stations_keep_the_page_short(start):
+    # found by tests/soak.py: 500 stations made every page load run thousands of queries and draw 500 cards
+    server = start(*FAST)
+    for i in range(40):
+        assert server.update(str(i), mac="02:00:00:00:01:%02x" % i)[0] == 200
+    body = server.request("/")[2]
+    assert body.count('<section class="card') == 24
+    assert "… and 16 more stations" in body
+    newest = "02:00:00:00:01:%02x" % 39
+    assert 'data-mac="%s"' % newest in body  # the most recently heard are shown
+    assert len(json.loads(server.request("/api/latest")[2])["stations"]) == 40
