@@ -1439,6 +1439,30 @@ _API_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosni
                 ("Access-Control-Allow-Origin", "*")]
 
 
+class _LineReader:
+    """The request stream, remembering the last line read (to tell a finished header block)."""
+
+    __slots__ = ("_raw", "last_line")
+
+    def __init__(self, raw):
+        self._raw = raw
+        self.last_line = None
+
+    def readline(self, limit=-1):
+        self.last_line = self._raw.readline(limit)
+        return self.last_line
+
+    def read(self, size=-1):
+        return self._raw.read(size)
+
+    def close(self):
+        self._raw.close()
+
+    @property
+    def closed(self):
+        return self._raw.closed
+
+
 class Handler(BaseHTTPRequestHandler):
     """Answers stations, browsers and uptime monitors."""
 
@@ -1452,6 +1476,7 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.client_timeout  # idle clients cannot hold a thread forever
         super().setup()
+        self.rfile = _LineReader(self.rfile)
         # idle: waiting for a request line; reading: its headers or body; busy: answering it
         self._phase, self._since, self._dropped = "idle", time.monotonic(), False
         self.server.track(self, True)
@@ -1477,6 +1502,11 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             if not self.parse_request():
+                return
+            if self.rfile.last_line == b"" and self.request_version != "HTTP/0.9":
+                # the headers ended with the connection, not a blank line: a request cut off
+                # (a slow client giving up, or one dropped at shutdown) is not answered
+                self.close_connection = True
                 return
             if self._dropped:  # too slow: the rest of the request never came
                 self.close_connection = True

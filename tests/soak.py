@@ -135,6 +135,8 @@ async def request(raw, source, port, timeout=20.0):
         await writer.drain()
         data = await asyncio.wait_for(reader.read(65536), timeout)
         match = re.match(rb"HTTP/1\.[01] (\d{3}) ", data)
+        if not match and os.environ.get("SOAK_VERBOSE"):
+            print("no HTTP answer to %r: %r" % (raw[:60], data[:100]), file=sys.stderr)
         return int(match.group(1)) if match else -1
     except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
         return 0
