@@ -15,6 +15,7 @@ import base64
 import contextlib
 import csv
 import datetime
+import email.utils
 import hmac
 import html
 import io
@@ -731,10 +732,11 @@ class Store:
         self._series_cache[key] = (self._data_version, done, max(until, complete))
         return sorted(done.items()) + [(b, v) for b, v in fresh if b + bucket_ms > complete]
 
-    def values(self, conn, station_id, field, since_ms):
-        """Every value of a field since ``since_ms``, oldest first: [(ms, value)]."""
-        return conn.execute("SELECT ts, value FROM readings WHERE station_id = ? AND field = ? AND ts >= ? "
-                            "ORDER BY ts", (station_id, field, since_ms)).fetchall()
+    def values(self, conn, station_id, field, since_ms, limit):
+        """The last ``limit`` values of a field since ``since_ms``, oldest first: [(ms, value)]."""
+        rows = conn.execute("SELECT ts, value FROM readings WHERE station_id = ? AND field = ? AND ts >= ? "
+                            "ORDER BY ts DESC LIMIT ?", (station_id, field, since_ms, limit)).fetchall()
+        return rows[::-1]
 
     def readings(self, conn, station_ids, field, since_ms, until_ms, limit):
         """Readings in a time range, oldest first: [(ts, mac, name, field, value)]."""
@@ -763,8 +765,10 @@ OFFLINE_INTERVALS = 4
 OFFLINE_MIN_MS = 3 * 60_000
 #: Assumed interval for a station with too few readings to tell (the firmware posts once a minute).
 DEFAULT_INTERVAL_MS = 60_000
-#: How far back the advice looks for the last clear difference (the hysteresis memory).
+#: How far back the advice looks for the last clear difference (the hysteresis memory):
+#: two hours, and at most this many readings of each station (40 minutes at one a minute).
 ADVICE_MEMORY_MS = 2 * 3_600_000
+ADVICE_MEMORY_READINGS = 40
 #: The chart: last 24 hours, averaged into 10-minute buckets (at most 145 points a line).
 CHART_MS = 24 * 3_600_000
 CHART_BUCKET_MS = 10 * 60_000
@@ -1027,8 +1031,8 @@ def render_page(store, view, now, base_url, api_key, refresh, fragment=False):
             lines.append((s, css, store.series(conn, s["id"], 1, now - CHART_MS, CHART_BUCKET_MS, now)))
         history = []
         if "indoor" in by_role and "outdoor" in by_role:
-            history = _differences(store.values(conn, by_role["indoor"]["id"], 1, now - ADVICE_MEMORY_MS),
-                                   store.values(conn, by_role["outdoor"]["id"], 1, now - ADVICE_MEMORY_MS))
+            history = _differences(*(store.values(conn, by_role[role]["id"], 1, now - ADVICE_MEMORY_MS,
+                                                  ADVICE_MEMORY_READINGS) for role in ("indoor", "outdoor")))
     nonce = secrets.token_urlsafe(16)
     outdoor = by_role.get("outdoor")
     title = "iotserver"
@@ -1401,6 +1405,17 @@ _CONTROL_CHARS = {c: "\\x%02x" % c for c in list(range(0x20)) + [0x7F]}
 _KEY_IN_TEXT_RE = re.compile(r"((?:api_)?key=)[^/&\s\"]*", re.I)
 
 
+_DATE = [0, ""]
+
+
+def _http_date():
+    """The Date header, formatted once a second rather than once a request."""
+    now = int(time.time())
+    if _DATE[0] != now:
+        _DATE[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return _DATE[1]
+
+
 def _plain_ip(text):
     """An IP address in canonical form (IPv4-mapped IPv6 as IPv4), or '' if ``text`` is none."""
     try:
@@ -1477,6 +1492,7 @@ class Handler(BaseHTTPRequestHandler):
         self.timeout = self.server.client_timeout  # idle clients cannot hold a thread forever
         super().setup()
         self.rfile = _LineReader(self.rfile)
+        self._peer = _plain_ip(self.client_address[0]) if self.client_address else "-"
         # idle: waiting for a request line; reading: its headers or body; busy: answering it
         self._phase, self._since, self._dropped = "idle", time.monotonic(), False
         self.server.track(self, True)
@@ -1770,12 +1786,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def client_ip(self):
         """The client's address: the TCP peer, or the X-Real-IP a trusted proxy (nginx) sent."""
-        peer = _plain_ip(self.client_address[0]) if self.client_address else "-"
+        peer = self._peer
         headers = getattr(self, "headers", None)
         if headers is not None and peer in self.server.trusted_proxies:
-            real = _plain_ip(headers.get("X-Real-IP", ""))
+            real = headers.get("X-Real-IP")
             if real:
-                return real
+                return _plain_ip(real) or peer
         return peer
 
     def _send(self, response):
@@ -1791,7 +1807,7 @@ class Handler(BaseHTTPRequestHandler):
         self.log_request(response.status, len(response.body))
         self.send_response_only(response.status)
         self.send_header("Server", self.version_string())
-        self.send_header("Date", self.date_time_string())
+        self.send_header("Date", _http_date())
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
         for name, value in response.headers:

@@ -4,9 +4,11 @@
     python3 bench/page.py [--sizes 1000 10000000] [--requests 300] [--cache DIR]
 
 Builds a database per size (two stations, outdoor and indoor, temperature and
-pressure once a minute, going back as far as the size needs), starts the real
+pressure once a minute going back as far as the size needs; a database too small
+to fill a day is spread over the last 24 hours), starts the real
 server on it, and times GET / over one keep-alive connection. Prints figures;
-asserts nothing. A 10M database takes a few minutes to build; --cache keeps it.
+asserts nothing. A 10M database takes a minute to build; --cache keeps it (its readings then age: the
+headline turns to "offline", which renders the same way).
 """
 
 import argparse
@@ -40,12 +42,14 @@ def build(path, size):
     conn = sqlite3.connect(path)
     ids = [r[0] for r in conn.execute("SELECT id FROM stations ORDER BY id")]
     now = int(time.time() * 1000)
-    per_minute = 2 * 2  # two stations, two fields
-    minutes = size // per_minute
+    # two stations, two fields, once a minute; a small database is spread over the last day
+    # so both sizes fill the 24-hour chart and the comparison is about size alone
+    entries = size // 4
+    step = max(60_000, 86_400_000 // max(1, entries))
 
     def rows():
-        for m in range(minutes, 0, -1):
-            ts = now - m * 60_000
+        for m in range(entries, 0, -1):
+            ts = now - m * step
             hours = ts / 3_600_000
             for sid, base, swing in ((ids[0], 22, 7), (ids[1], 26, 1.5)):
                 yield sid, 1, round(base + swing * math.sin(hours * 2 * math.pi / 24), 2), ts
@@ -77,8 +81,7 @@ def measure(path, requests):
             resp = conn.getresponse()
             body = resp.read()
             elapsed = time.perf_counter() - started
-            assert resp.status == 200 and b"Open the windows" in body or b"Keep the windows" in body \
-                or b"about the same" in body, body[:300]
+            assert resp.status == 200 and b'id="headline"' in body, body[:300]
             if i >= 20:  # warm-up first
                 times.append(elapsed * 1000)
             size = len(body)

@@ -187,3 +187,15 @@ def test_many_concurrent_clients_all_answered(server):
         t.join()
     assert results == [200] * 100
     assert sorted(r[2] for r in server.rows()) == sorted(float(i) for i in range(100))
+
+
+def test_a_request_cut_off_before_its_blank_line_is_not_carried_out(server):
+    # found by tests/soak.py: slow clients giving up all at once became as many page renders
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /update/API_key=%s/mac=%s/field=1/data=7 HTTP/1.1\r\nHost: x\r\n"
+                     % (server.key.encode(), MAC.encode()))
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(4096) == b""
+    assert server.rows() == []
+    assert server.update("8")[0] == 200
+    assert [r[2] for r in server.rows()] == [8.0]
