@@ -1426,6 +1426,11 @@ def _plain_ip(text):
     return str(mapped or address)
 
 
+def log(message, key=None):
+    """The one place iotserver logs: a line to stderr (the journal), keys redacted, control characters escaped."""
+    sys.stderr.write(redact(message, key).translate(_CONTROL_CHARS) + "\n")
+
+
 def redact(text, key=None):
     """Hide every API key in a log line."""
     if key:
@@ -1853,10 +1858,9 @@ class Handler(BaseHTTPRequestHandler):
             self.log_message('"%s" %s %s', self.requestline, code, size)
 
     def log_message(self, format, *args):
-        """One line to stderr: keys redacted, control characters escaped."""
-        line = redact(format % args, self.server.api_key()).translate(_CONTROL_CHARS)
+        """Every request line and error goes to log() with the time and the client's address."""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-        sys.stderr.write("%s %s %s\n" % (stamp, self.client_ip(), line))
+        log("%s %s %s" % (stamp, self.client_ip(), format % args), self.server.api_key())
 
 
 ###############################################################################
@@ -1947,8 +1951,7 @@ class Server(ThreadingHTTPServer):
             for handler in slow:
                 self._drop(handler)
             if self.dropped > reported and now - last_report > 60 and not self.quiet:  # one line a minute at most
-                print("iotserver: dropped %d slow or surplus clients" % (self.dropped - reported),
-                      file=sys.stderr, flush=True)
+                log("iotserver: dropped %d slow or surplus clients" % (self.dropped - reported))
                 reported, last_report = self.dropped, now
 
     def stop(self):
@@ -1972,7 +1975,7 @@ class Server(ThreadingHTTPServer):
         return "http://%s:%d/" % (host, port)
 
 
-def serve(server, log=sys.stderr):
+def serve(server):
     """Serve until SIGTERM or SIGINT, then stop cleanly and close the database."""
     done = threading.Event()
 
@@ -1986,10 +1989,10 @@ def serve(server, log=sys.stderr):
     try:
         server.serve_forever(poll_interval=0.25)
     finally:
-        print("iotserver: stopping", file=log, flush=True)
+        log("iotserver: stopping")
         server.stop()
         server.store.close()
-    print("iotserver: stopped", file=log, flush=True)
+    log("iotserver: stopped")
 
 
 ###############################################################################
@@ -2174,13 +2177,13 @@ def main(argv=None):
     try:
         store = Store(args.db, create=not admin)
     except StoreError as exc:
-        print("iotserver: %s" % exc, file=sys.stderr)
+        log("iotserver: %s" % exc)
         return 2
     if admin:
         try:
             return _admin(args, store, sys.stdout)
         except (StoreError, sqlite3.Error, OSError) as exc:
-            print("iotserver: %s" % exc, file=sys.stderr)
+            log("iotserver: %s" % exc)
             return 1
         finally:
             store.close()
@@ -2192,19 +2195,18 @@ def main(argv=None):
                         refresh=args.refresh, private=args.private, trusted_proxies=_proxies(args.trusted_proxy),
                         max_connections=args.max_connections)
     except (OSError, sqlite3.Error) as exc:
-        print("iotserver: cannot start: %s" % exc, file=sys.stderr)
+        log("iotserver: cannot start: %s" % exc)
         store.close()
         return 1
-    print("iotserver %s listening on %s (database %s)" % (__version__, server.url(), store.path),
-          file=sys.stderr, flush=True)
+    log("iotserver %s listening on %s (database %s)" % (__version__, server.url(), store.path))
     if created and not args.api_key:
         if sys.stdout.isatty():
             # shown once, on a terminal only: a journal or log file must never hold the key
             print("New API key (shown once; --show-key prints it again): %s" % key)
             print("Point a station at: %s" % _example_url(server.url(), key), flush=True)
         else:
-            print("iotserver: generated an API key; print it with: python3 iotserver.py --db %s --show-key"
-                  % store.path, file=sys.stderr, flush=True)
+            log("iotserver: generated an API key; print it with: python3 iotserver.py --db %s --show-key"
+                % store.path)
     serve(server)
     return 0
 
