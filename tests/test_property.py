@@ -53,3 +53,33 @@ def test_every_data_value_is_stored_exactly_or_refused(server, text):
         assert text.strip() == text and "_" not in text
     else:
         assert status == 400 and "data" in body, (text, status, body)
+
+
+query_values = st.text(SEGMENT_ALPHABET + "&=;+", max_size=30)
+query_names = st.sampled_from(["api_key", "key", "field1", "field2", "field9", "created_at", "timezone", "mac",
+                               "field", "since", "until", "limit", "format", "results", "days", "minutes", "start",
+                               "end", "status", "x"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["/update", "/update.json", "/api/readings", "/api/readings.csv", "/api/latest", "/",
+                        "/channels/1/feeds.json", "/channels/1/fields/1.csv", "/channels/1/fields/1/last.txt",
+                        "/channels/1/feeds/last.json", "/channels/1/fields/1/last_data_age.json"]),
+       st.lists(st.tuples(query_names, query_values), max_size=5), st.booleans(), st.booleans())
+def test_arbitrary_queries_never_get_a_5xx(server, path, pairs, post, with_key):
+    if not server.rows("SELECT 1 FROM stations"):
+        assert server.update("1")[0] == 200  # channel 1 exists
+    if with_key:  # the channel's real write key, so writes get past the key check
+        [(key,)] = server.rows("SELECT write_key FROM stations WHERE id = 1")
+        pairs = [("api_key", key)] + [p for p in pairs if p[0] != "api_key"]
+    query = "&".join("%s=%s" % (urllib.parse.quote(n), urllib.parse.quote(v)) for n, v in pairs)
+    # guessed keys come from another address, so their throttle does not hold back the real key
+    source = "127.0.0.1" if with_key else "127.0.0.2"
+    if post and path.startswith("/update"):
+        status, _, body = server.request(path, method="POST", body=query, source=source,
+                                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+    else:
+        status, _, body = server.request(path + ("?" + query if query else ""), source=source)
+    assert 200 <= status < 500, (path, query, status, body)
+    [(bad,)] = server.rows("SELECT count(*) FROM readings WHERE NOT (abs(value) <= 1e9)")
+    assert bad == 0
