@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 
 from conftest import FAST, IOTSERVER, MAC, MAC2, cli
 
@@ -142,3 +143,48 @@ def test_a_version_1_database_migrates_on_start_and_keeps_its_readings(start, tm
     assert server.update("24.0", key="the-old-key-1234")[0] == 200
     assert [r[2] for r in server.rows()] == [20.0, 21.0, 22.0, 24.0]
     assert server.rows("PRAGMA integrity_check") == [("ok",)]
+
+
+def test_a_full_disk_answers_503_loses_nothing_and_recovers(start, tmp_path):
+    """The database on a tiny file system that fills up (a tmpfs; needs root to mount)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("CI runs as root and must be able to mount a tmpfs: %s" % mounted.stderr)
+        import pytest
+        pytest.skip("cannot mount a tmpfs here (not root): %s" % mounted.stderr.strip())
+    try:
+        server = start(*FAST, db=disk / "iotserver.db")
+        assert server.update("0")[0] == 200
+        with open(disk / "filler", "wb") as filler:  # take every free block
+            try:
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+            except OSError:
+                pass
+        answered, refused = [], 0
+        for i in range(1, 5000):
+            status, headers, body = server.update("%d" % i)
+            assert status in (200, 503), (status, body)
+            if status == 200:
+                answered.append(float(i))
+            else:
+                refused += 1
+                assert "nothing stored" in body and int(headers["retry-after"]) > 0
+                if refused >= 3:
+                    break
+        assert refused >= 3, "the full disk never refused a write"
+        assert server.proc.poll() is None  # still up
+        os.unlink(disk / "filler")
+        time.sleep(1.2)  # past the fail-fast second
+        assert server.update("99999")[0] == 200  # recovered without a restart
+        assert server.stop() == 0
+        stored = [v for _, _, v, _ in server.rows()]
+        assert stored == [0.0] + answered + [99999.0]  # every 200 on disk, nothing refused stored
+        assert server.rows("PRAGMA integrity_check") == [("ok",)]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
