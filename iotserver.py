@@ -310,12 +310,13 @@ class Store:
         if not create and not os.path.exists(self.path):
             raise StoreError("no database at %s" % self.path)
         self._lock = threading.RLock()
-        self._pending = []  # readings waiting for the write lock: [mac, field, value, ts, max, id, error]
+        self._pending = []  # entries waiting for the write lock: [mac, values, ts, max, entry id, error]
         self._pending_lock = threading.Lock()
         self._readers = []  # idle read-only connections; list.pop/append are atomic
         self._failing_until = 0.0  # monotonic time until which writes fail fast (see add_entry)
-        self._latest, self._latest_version, self._writes = {}, None, 0  # see latest()
-        self._series_cache = {}  # (station, field, bucket) -> (data_version, {bucket: avg}, complete until)
+        # in-memory views of the data (see latest() and series()); emptied when another process
+        # changes the database; _generation counts every change, ours and theirs
+        self._latest, self._series_cache, self._generation = {}, {}, 0
         try:
             self._conn = self._connect()
             self._migrate()
@@ -393,10 +394,14 @@ class Store:
             self._write_keys = {key: mac for mac, _, key in rows}
             self._settings = dict(self._conn.execute("SELECT name, value FROM settings"))
             self._data_version = version
+            self._latest.clear()
+            self._series_cache.clear()
+            self._generation += 1
 
-    def setting(self, name, default=None):
-        """A stored setting (as text), current as of this call."""
-        self._refresh()
+    def setting(self, name, default=None, refresh=True):
+        """A stored setting (as text), current as of this call (or of the last refresh)."""
+        if refresh:
+            self._refresh()
         return self._settings.get(name, default)
 
     def set_setting(self, name, value):
@@ -433,9 +438,6 @@ class Store:
         the lock, and whoever gets it first writes every waiting entry in one
         transaction. Each caller still returns only after its own entry committed.
         """
-        if time.monotonic() < self._failing_until:
-            # a write just failed (locked, full, read-only): answer at once instead of queueing
-            raise sqlite3.OperationalError("storage failed a moment ago; not retried yet")
         item = [mac, values, now_ms() if ts is None else ts, max_stations, None, None]
         with self._pending_lock:
             self._pending.append(item)
@@ -443,7 +445,8 @@ class Store:
             if item[4] is None and item[5] is None:
                 with self._pending_lock:
                     batch, self._pending = self._pending, []
-                if time.monotonic() < self._failing_until:  # queued behind a write that just failed
+                if time.monotonic() < self._failing_until:
+                    # a write just failed (locked, full, read-only): answer at once, do not wait again
                     error = sqlite3.OperationalError("storage failed a moment ago; not retried yet")
                     for waiting in batch:
                         waiting[5] = error
@@ -455,13 +458,13 @@ class Store:
 
     def _write_batch(self, batch):
         """Write pending entries in one transaction; set each item's entry id or its exception."""
-        added = {}
+        added, keys = {}, {}  # stations registered by this batch: mac -> id, write key -> mac
         try:
             with self.atomic() as conn:
                 self._refresh()
                 for item in batch:
                     mac, values, ts, max_stations = item[:4]
-                    station_id = self._stations.get(mac) or (added.get(mac) or (None,))[0]
+                    station_id = self._stations.get(mac) or added.get(mac)
                     if station_id is None:
                         if self._settings.get("locked") == "1":
                             item[5] = Refused("registration is locked; unknown station %s" % mac)
@@ -470,10 +473,10 @@ class Store:
                             item[5] = Refused("station limit (%d) reached; forget a station first" % max_stations)
                             continue
                         write_key = _new_write_key()
-                        station_id = conn.execute(
+                        station_id = added[mac] = conn.execute(
                             "INSERT INTO stations (mac, name, created_at, write_key) VALUES (?, ?, ?, ?)",
                             (mac, mac, ts, write_key)).lastrowid
-                        added[mac] = (station_id, write_key)
+                        keys[write_key] = mac
                     entry = None  # the first row's own id; the entry's other rows point to it
                     for field, value in values:
                         row = conn.execute(
@@ -488,14 +491,14 @@ class Store:
                 self._failing_until = time.monotonic() + FAIL_FAST_SECONDS
             return
         # cached only once the transaction has committed
-        for mac, (station_id, write_key) in added.items():
-            self._stations[mac] = station_id
-            self._write_keys[write_key] = mac
-        self._writes += 1
+        self._stations.update(added)
+        self._write_keys.update(keys)
+        self._generation += 1
         for item in batch:
             if item[4] is not None:
                 self._remember(self._stations[item[0]], item[1], item[2])
-        if any(item[2] < now_ms() - 60_000 for item in batch):
+        settled = now_ms() - 60_000
+        if any(item[2] < settled for item in batch):
             self._series_cache.clear()  # a back-dated entry (created_at) may land in a finished bucket
 
     def stations(self):
@@ -611,7 +614,6 @@ class Store:
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return total
 
-
     # -- reading, on a small pool of read-only connections (WAL: readers never block the writer) --
 
     @contextlib.contextmanager
@@ -620,7 +622,7 @@ class Store:
         try:
             conn = self._readers.pop()
         except IndexError:
-            conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA query_only = ON")
         conn.execute("BEGIN")
         try:
@@ -634,7 +636,12 @@ class Store:
                 conn.close()
 
     def station_list(self, conn):
-        """Stations as dicts (id, mac, name, role): outdoor, indoor, then the rest by name."""
+        """Stations as dicts (id, mac, name, role): outdoor, indoor, then the rest by name.
+
+        Every read starts here, so this is where the in-memory views catch up with
+        changes another process made (latest() and series() rely on it).
+        """
+        self._refresh()
         rows = conn.execute("SELECT id, mac, name, role FROM stations "
                             "ORDER BY role IS NULL, role DESC, name, mac").fetchall()
         return [dict(zip(("id", "mac", "name", "role"), row)) for row in rows]
@@ -646,16 +653,12 @@ class Store:
         dictionary look-ups, not eight queries a station; read from the database on
         first use and again whenever another process changed it.
         """
-        self._refresh()
         with self._lock:
-            if self._latest_version != self._data_version:
-                self._latest.clear()
-                self._latest_version = self._data_version
-            entry, writes = self._latest.get(station["id"]), self._writes
+            entry, generation = self._latest.get(station["id"]), self._generation
         if entry is None:
             entry = self._load_latest(conn, station["id"])
             with self._lock:
-                if writes == self._writes and self._latest_version == self._data_version:
+                if generation == self._generation:
                     self._latest[station["id"]] = entry  # nothing was written meanwhile
         fields = {}
         for field, (value, ts) in sorted(entry["fields"].items()):
@@ -666,7 +669,7 @@ class Store:
                     span = conn.execute("SELECT min(value), max(value) FROM readings WHERE station_id = ? "
                                         "AND field = ? AND ts >= ?", (station["id"], field, since_ms)).fetchone()
                     with self._lock:
-                        if writes == self._writes:
+                        if generation == self._generation:
                             entry["ranges"][(field, since_ms)] = list(span)
                 low, high = span
             fields[field] = {"value": value, "ts": ts, "min": low, "max": high}
@@ -716,12 +719,9 @@ class Store:
         on arrival), so they are kept in memory until another process changes the
         database (a prune, a forget); only the newest buckets are read again.
         """
-        self._refresh()
         first = since_ms // bucket_ms * bucket_ms
         key = (station_id, field, bucket_ms)
-        epoch, done, until = self._series_cache.get(key, (None, {}, first))
-        if epoch != self._data_version:
-            done, until = {}, first
+        done, until = self._series_cache.get(key, ({}, first))
         fresh = conn.execute(
             "SELECT (ts / ?) * ?, avg(value) FROM readings WHERE station_id = ? AND field = ? AND ts >= ? "
             "GROUP BY ts / ? ORDER BY 1", (bucket_ms, bucket_ms, station_id, field, max(first, until), bucket_ms)
@@ -729,7 +729,7 @@ class Store:
         complete = (now - 60_000) // bucket_ms * bucket_ms
         done = {b: v for b, v in done.items() if b >= first}
         done.update((b, v) for b, v in fresh if b + bucket_ms <= complete)
-        self._series_cache[key] = (self._data_version, done, max(until, complete))
+        self._series_cache[key] = (done, max(until, complete))
         return sorted(done.items()) + [(b, v) for b, v in fresh if b + bucket_ms > complete]
 
     def values(self, conn, station_id, field, since_ms, limit):
@@ -1118,14 +1118,15 @@ def render_latest(store, now):
     } for s in stations]})
 
 
-def _parse_time(name, text):
-    stamp = text.strip()
-    if stamp[-1:] in "Zz" and stamp:
+def parse_time(name, text, zone=None):
+    """Epoch ms from ISO 8601 or ThingSpeak's '2026-07-01 12:00:00'; no offset means ``zone`` (UTC)."""
+    stamp = text.strip().replace(" ", "T", 1)
+    if stamp[-1:] in ("Z", "z"):
         stamp = stamp[:-1] + "+00:00"
     try:
         when = datetime.datetime.fromisoformat(stamp)
         if when.tzinfo is None:
-            when = when.replace(tzinfo=datetime.timezone.utc)
+            when = when.replace(tzinfo=zone or datetime.timezone.utc)
         return int(when.timestamp() * 1000)
     except (ValueError, OverflowError, OSError):
         raise HTTPError(400, "%s must be an ISO-8601 time such as 2026-07-01T12:00:00Z" % name) from None
@@ -1156,8 +1157,8 @@ def parse_readings_query(query, now):
         if not _FIELD_RE.fullmatch(params["field"]):
             raise HTTPError(400, "field must be a whole number from 1 to 8")
         out["field"] = int(params["field"])
-    out["until"] = _parse_time("until", params["until"]) if "until" in params else now + 1
-    out["since"] = _parse_time("since", params["since"]) if "since" in params else out["until"] - CHART_MS
+    out["until"] = parse_time("until", params["until"]) if "until" in params else now + 1
+    out["since"] = parse_time("since", params["since"]) if "since" in params else out["until"] - CHART_MS
     if out["since"] >= out["until"]:
         raise HTTPError(400, "since must be before until")
     limit = params.get("limit", str(API_LIMIT))
@@ -1233,20 +1234,6 @@ def _ts_time(ms, zone, csv_style=False):
     return stamp.strftime("%Y-%m-%dT%H:%M:%SZ") if zone is None else stamp.isoformat(timespec="seconds")
 
 
-def _ts_parse_time(name, text, zone):
-    """ThingSpeak accepts '2014-12-31 23:59:59' (in ``timezone``, else UTC) or ISO 8601."""
-    stamp = text.strip().replace(" ", "T", 1)
-    if stamp[-1:] in ("Z", "z"):
-        stamp = stamp[:-1] + "+00:00"
-    try:
-        when = datetime.datetime.fromisoformat(stamp)
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=zone or datetime.timezone.utc)
-        return int(when.timestamp() * 1000)
-    except (ValueError, OverflowError, OSError):
-        raise HTTPError(400, "%s must be a time such as 2026-07-01 12:00:00" % name) from None
-
-
 def parse_ts_params(query, body=b"", content_type=""):
     """Parameters from the query string and a form or JSON body, each name once."""
     params = {}
@@ -1285,7 +1272,7 @@ def parse_ts_write(params):
         raise HTTPError(400, "no field1 ... field8 with a value")
     when = None
     if params.get("created_at"):
-        when = _ts_parse_time("created_at", params["created_at"], _ts_zone(params))
+        when = parse_time("created_at", params["created_at"], _ts_zone(params))
         if when > now_ms() + 300_000:
             raise HTTPError(400, "created_at is in the future")
     return sorted(values), when
@@ -1308,9 +1295,9 @@ def _ts_entries(conn, station_id, field, params, zone, now):
                 raise HTTPError(400, "%s must be a positive number" % name)
             since = max(since, now - int(amount * unit))
     if params.get("start"):
-        since = max(since, _ts_parse_time("start", params["start"], zone))
+        since = max(since, parse_time("start", params["start"], zone))
     if params.get("end"):
-        until = _ts_parse_time("end", params["end"], zone) + 1
+        until = parse_time("end", params["end"], zone) + 1
     sql = ("SELECT coalesce(entry, id), ts, field, value FROM readings WHERE station_id = ? AND ts >= ? "
            "AND ts < ?%s ORDER BY ts DESC, id DESC LIMIT ?" % (" AND field = ?" if field else ""))
     args = [station_id, since, until] + ([field] if field else []) + [limit * 8]
@@ -1339,7 +1326,7 @@ def _ts_channel(store, conn, station, now, zone):
     return channel
 
 
-def render_ts_read(store, channel_id, what, field, fmt, params, private_key):
+def render_ts_read(store, channel_id, what, field, fmt, params):
     """Answer /channels/ID/...: feeds, a field's feed, last entries, last data age."""
     now = now_ms()
     zone = _ts_zone(params)
@@ -1347,11 +1334,6 @@ def render_ts_read(store, channel_id, what, field, fmt, params, private_key):
         station = next((s for s in store.station_list(conn) if s["id"] == channel_id), None)
         if station is None:
             raise HTTPError(404, "no channel %d" % channel_id)
-        if private_key is not None:  # --private: the server key or this channel's write key reads
-            given = params.get("api_key", "").encode()
-            key = conn.execute("SELECT write_key FROM stations WHERE id = ?", (channel_id,)).fetchone()[0]
-            if not (hmac.compare_digest(given, private_key.encode()) or hmac.compare_digest(given, key.encode())):
-                raise HTTPError(401, "this channel is private: send api_key")
         if what == "view":
             return _json(_ts_channel(store, conn, station, now, zone)), "application/json"
         last = what in ("last", "age")
@@ -1375,7 +1357,7 @@ def render_ts_read(store, channel_id, what, field, fmt, params, private_key):
     if last:
         if not entries:
             # ThingSpeak answers -1; the 404 lets a careful script tell it from a reading of -1
-            return HTTPError(404, "-1"), None
+            raise HTTPError(404, "-1")
         if fmt == "txt":
             return _ts_value(entries[0][2][field]).encode() if field else _json(feed(*entries[0])), \
                 "text/plain; charset=utf-8"
@@ -1651,17 +1633,27 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- routes --
 
+    def _check_key(self, valid, message, headers=()):
+        """The wrong-key throttle: 429 while this address is throttled; a wrong key counts and gets 401.
+
+        ``valid()`` checks the key (in constant time) and returns what the caller needs.
+        """
+        failures = self.server.key_failures
+        address = self.client_ip()
+        wait = failures.peek(address)
+        if wait:
+            raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "too many wrong keys; wait", _retry_after(wait))
+        result = valid()
+        if not result:
+            failures.take(address)
+            raise HTTPError(HTTPStatus.UNAUTHORIZED, message, headers)
+        return result
+
     def _update(self, path):
         """Store one reading from a station."""
         server = self.server
         key, mac, field, value = parse_update(path)
-        address = self.client_ip()
-        wait = server.key_failures.peek(address)
-        if wait:
-            raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "too many wrong keys; wait", _retry_after(wait))
-        if not hmac.compare_digest(key, server.api_key().encode()):
-            wait = server.key_failures.take(address)
-            raise HTTPError(HTTPStatus.UNAUTHORIZED, "wrong API key")
+        self._check_key(lambda: hmac.compare_digest(key, server.api_key().encode()), "wrong API key")
         wait = server.buckets.take(mac)
         if wait:
             raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "station %s is posting too often" % mac,
@@ -1677,10 +1669,6 @@ class Handler(BaseHTTPRequestHandler):
         server = self.server
         if not server.private:
             return
-        address = self.client_ip()
-        wait = server.key_failures.peek(address)
-        if wait:
-            raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "too many wrong keys; wait", _retry_after(wait))
         given = None
         auth = self.headers.get("Authorization", "")
         if auth[:6].lower() == "basic ":
@@ -1689,12 +1677,11 @@ class Handler(BaseHTTPRequestHandler):
         for name, value in urllib.parse.parse_qsl(query, max_num_fields=20, errors="replace"):
             if name == "key":
                 given = value.encode("utf-8", "replace")
-        if given is not None and hmac.compare_digest(given, server.api_key().encode()):
-            return
-        if given is not None:
-            server.key_failures.take(address)
-        raise HTTPError(HTTPStatus.UNAUTHORIZED, "this server is private: log in with the API key as password",
-                        [("WWW-Authenticate", 'Basic realm="iotserver", charset="UTF-8"')])
+        message = "this server is private: log in with the API key as password"
+        challenge = [("WWW-Authenticate", 'Basic realm="iotserver", charset="UTF-8"')]
+        if given is None:  # the browser's first try: ask for the password, count nothing
+            raise HTTPError(HTTPStatus.UNAUTHORIZED, message, challenge)
+        self._check_key(lambda: hmac.compare_digest(given, server.api_key().encode()), message, challenge)
 
     def _page(self, path, query):
         """The phone page."""
@@ -1734,16 +1721,10 @@ class Handler(BaseHTTPRequestHandler):
         server = self.server
         params = parse_ts_params(query, body, self.headers.get("Content-Type", ""))
         key = params.get("api_key") or self.headers.get("X-THINGSPEAKAPIKEY") or self.headers.get("THINGSPEAKAPIKEY")
-        address = self.client_ip()
-        wait = server.key_failures.peek(address)
-        if wait:
-            raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "too many wrong keys; wait", _retry_after(wait))
         if not key:
             raise HTTPError(HTTPStatus.UNAUTHORIZED, "api_key missing: a channel's write key (see --channel-key)")
-        found = server.store.station_for_write_key(key.encode("utf-8", "replace"))
-        if found is None:
-            server.key_failures.take(address)
-            raise HTTPError(HTTPStatus.UNAUTHORIZED, "wrong write API key")
+        found = self._check_key(lambda: server.store.station_for_write_key(key.encode("utf-8", "replace")),
+                                "wrong write API key")
         values, when = parse_ts_write(params)
         mac, channel = found
         wait = server.buckets.take(mac)
@@ -1771,20 +1752,14 @@ class Handler(BaseHTTPRequestHandler):
                 "feed" if match.group("feeds") or match.group("field") else "view")
         if fmt == "txt" and what not in ("last", "age") or fmt == "csv" and what == "view":
             raise HTTPError(HTTPStatus.NOT_FOUND, "no such page (use .json or .csv)")
-        address = self.client_ip()
-        if server.private and server.key_failures.peek(address):
-            raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "too many wrong keys; wait",
-                            _retry_after(server.key_failures.peek(address)))
-        try:
-            body, content_type = render_ts_read(
-                server.store, int(match.group(1)), what, int(match.group("field") or 0) or None, fmt, params,
-                server.api_key() if server.private else None)
-        except HTTPError as exc:
-            if exc.status == HTTPStatus.UNAUTHORIZED:
-                server.key_failures.take(address)
-            raise
-        if isinstance(body, HTTPError):
-            return body
+        channel = int(match.group(1))
+        if server.private:  # the server key, or this channel's write key, reads
+            given = params.get("api_key", "").encode()
+            self._check_key(lambda: hmac.compare_digest(given, server.api_key().encode())
+                            or (server.store.station_for_write_key(given) or (None, None))[1] == channel,
+                            "this channel is private: send api_key")
+        body, content_type = render_ts_read(server.store, channel, what, int(match.group("field") or 0) or None,
+                                            fmt, params)
         return Response(body, content_type=content_type, headers=_API_HEADERS)
 
     # -- answering --
@@ -1835,7 +1810,7 @@ class Handler(BaseHTTPRequestHandler):
         text = (message or code.phrase).split(" (")[0][:80]
         self.close_connection = True
         try:
-            self.log_message("%s %d %s", redact(self.requestline[:200], self.server.api_key()), code, text)
+            self.log_message("%s %d %s", self.requestline[:200], code, text)  # log() redacts
             body = ("%d %s\n" % (code, text)).encode("utf-8", "replace")
             self.send_response_only(code)
             self.send_header("Content-Type", "text/plain; charset=utf-8")
@@ -1860,7 +1835,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         """Every request line and error goes to log() with the time and the client's address."""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-        log("%s %s %s" % (stamp, self.client_ip(), format % args), self.server.api_key())
+        log("%s %s %s" % (stamp, self.client_ip(), format % args), self.server.api_key(refresh=False))
 
 
 ###############################################################################
@@ -1903,9 +1878,9 @@ class Server(ThreadingHTTPServer):
         self._reaper_stop = threading.Event()
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()
 
-    def api_key(self):
+    def api_key(self, refresh=True):
         """The key stations must send: the fixed one, or the one stored (it may be rotated)."""
-        return self.fixed_key or self.store.setting("api_key", "")
+        return self.fixed_key or self.store.setting("api_key", "", refresh)
 
     def track(self, handler, alive):
         with self._connections_lock:
