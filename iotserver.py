@@ -141,6 +141,24 @@ def parse_time(name, text, zone=None):
         raise HTTPError(HTTPStatus.BAD_REQUEST, "%s must be an ISO-8601 time such as 2026-07-01T12:00:00Z" % name) from None
 
 
+#: Measurement times accepted: not before this (a station whose clock was never set sends
+#: times near 2000-01-01), and not further ahead of the server's clock than this.
+EARLIEST_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z
+FUTURE_SKEW_MS = 300_000
+
+
+def check_time(name, ms, now=None):
+    """``ms`` if it is a measurement time iotserver stores and reads back, else HTTPError(400)."""
+    now = now_ms() if now is None else now
+    if ms > now + FUTURE_SKEW_MS:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "%s is in the future (more than %d s ahead of the server's clock)"
+                        % (name, FUTURE_SKEW_MS // 1000))
+    if ms < EARLIEST_MS:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "%s is before %s (is the station's clock set?)"
+                        % (name, iso_utc(EARLIEST_MS)[:10]))
+    return ms
+
+
 def _retry_after(seconds):
     """The Retry-After header for a wait of ``seconds`` (at least one second)."""
     return [("Retry-After", str(max(1, math.ceil(seconds))))]
@@ -1408,9 +1426,7 @@ def parse_ts_write(params):
         raise HTTPError(HTTPStatus.BAD_REQUEST, "no field1 ... field8 with a value")
     when = None
     if params.get("created_at"):
-        when = parse_time("created_at", params["created_at"], _ts_zone(params))
-        if when > now_ms() + 300_000:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "created_at is in the future")
+        when = check_time("created_at", parse_time("created_at", params["created_at"], _ts_zone(params)))
     return sorted(values), when
 
 
@@ -1949,7 +1965,7 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address, store, api_key=None, rate=DEFAULT_RATE, burst=DEFAULT_BURST,
                  client_timeout=DEFAULT_TIMEOUT, quiet=False, max_stations=DEFAULT_MAX_STATIONS,
                  view=None, refresh=DEFAULT_REFRESH, private=False, trusted_proxies=("127.0.0.1", "::1"),
-                 max_connections=MAX_CONNECTIONS):
+                 max_connections=MAX_CONNECTIONS, public_url=None):
         self.store = store
         self.fixed_key = api_key
         self.buckets = TokenBuckets(rate / 60.0, burst)
@@ -1967,11 +1983,20 @@ class Server(ThreadingHTTPServer):
         self._open = 0
         self.dropped = 0
         self.max_connections = max_connections
+        self.public_url = public_url
+        self.counters = collections.Counter()  # (name, labels) -> count; see count()
+        self._counters_lock = threading.Lock()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
         self._reaper_stop = threading.Event()
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()
+
+    def count(self, name, amount=1, **labels):
+        """Add to a counter (shown by /metrics), e.g. count("readings_refused", reason="rate")."""
+        key = (name, tuple(sorted(labels.items())))
+        with self._counters_lock:
+            self.counters[key] += amount
 
     def api_key(self, refresh=True):
         """The key stations must send: the fixed one, or the one stored (it may be rotated)."""
@@ -2115,6 +2140,13 @@ def _key_arg(text):
     return text
 
 
+def _url_arg(text):
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError("must be an http:// or https:// address such as https://iot.example.org/")
+    return text.rstrip("/") + "/"
+
+
 def _zone_arg(text):
     try:
         return zoneinfo.ZoneInfo(text)
@@ -2172,6 +2204,9 @@ def build_parser():
     serving.add_argument("--max-connections", type=_positive(int), default=MAX_CONNECTIONS, metavar="N",
                          help="connections (threads) served at once; past that the slowest client is dropped "
                               "(default: %(default)s)")
+    serving.add_argument("--public-url", metavar="URL", type=_url_arg,
+                         help="the address people and stations use, e.g. https://iot.example.org/ "
+                              "(links in notifications, --show-key); default: the address served on")
     serving.add_argument("--quiet", action="store_true", help="do not log one line per request")
     serving.add_argument("--trusted-proxy", action="append", metavar="ADDR",
                          help="a reverse proxy whose X-Real-IP header names the client; repeat for more, "
@@ -2333,7 +2368,7 @@ def main(argv=None):
                         burst=args.burst, client_timeout=args.timeout, quiet=args.quiet,
                         max_stations=args.max_stations, view=View(args.unit, args.tz, args.dead_band),
                         refresh=args.refresh, private=args.private, trusted_proxies=_proxies(args.trusted_proxy),
-                        max_connections=args.max_connections)
+                        max_connections=args.max_connections, public_url=args.public_url)
     except (OSError, sqlite3.Error) as exc:
         log("iotserver: cannot start: %s" % exc)
         store.close()
