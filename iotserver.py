@@ -117,14 +117,25 @@ def now_ms():
     return time.time_ns() // 1_000_000
 
 
+#: Stored times a datetime can show in any zone (0001-01-02 .. 9999-12-30 UTC): a database
+#: written by hand or by an older iotserver may hold any number, and reads must still answer.
+_SHOWN_MS = (-62_135_510_400_000, 253_402_128_000_000)
+
+
+def to_datetime(ms, zone=datetime.timezone.utc):
+    """A stored time as an aware datetime in ``zone``, clamped to the years a datetime can hold."""
+    ms = min(max(ms, _SHOWN_MS[0]), _SHOWN_MS[1])
+    return datetime.datetime.fromtimestamp(ms // 1000, zone).replace(microsecond=ms % 1000 * 1000)
+
+
 def iso_utc(ms):
-    """ISO-8601 UTC text for a stored timestamp."""
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """ISO-8601 UTC text for a stored timestamp (four-digit years, as ISO 8601 wants)."""
+    return to_datetime(ms).isoformat(timespec="seconds")[:-6] + "Z"
 
 
 def iso_ms(ms):
     """ISO-8601 UTC with milliseconds, as the read API writes times."""
-    return iso_utc(ms)[:-1] + ".%03dZ" % (ms % 1000)
+    return to_datetime(ms).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def parse_time(name, text, zone=None):
@@ -1382,10 +1393,10 @@ def _ts_zone(params):
 
 def _ts_time(ms, zone, csv_style=False):
     """ThingSpeak's time text: UTC with Z, or the requested zone's offset."""
-    stamp = datetime.datetime.fromtimestamp(ms / 1000, zone or datetime.timezone.utc)
+    stamp = to_datetime(ms, zone or datetime.timezone.utc)
     if csv_style:
-        return stamp.strftime("%Y-%m-%d %H:%M:%S ") + ("UTC" if zone is None else stamp.strftime("%z"))
-    return stamp.strftime("%Y-%m-%dT%H:%M:%SZ") if zone is None else stamp.isoformat(timespec="seconds")
+        return stamp.isoformat(" ", "seconds")[:19] + " " + ("UTC" if zone is None else stamp.strftime("%z"))
+    return stamp.isoformat(timespec="seconds")[:19] + "Z" if zone is None else stamp.isoformat(timespec="seconds")
 
 
 def parse_ts_params(query, body=b"", content_type=""):

@@ -1,0 +1,176 @@
+"""Hostile and careless requests (issue #14): each test is named after what a user would notice."""
+
+import http.client
+import json
+import re
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+from conftest import FAST, IOTSERVER, MAC, MAC2, cli
+
+sys.path.insert(0, str(IOTSERVER.parent))
+import iotserver  # noqa: E402
+
+DAY_MS = 86_400_000
+#: Times no measurement can have: year 0 in UTC (what 0001-01-01T00:00:00+01:00 is), 0001-01-02, 1969, year 10000.
+BOGUS_MS = (-62_135_600_400_000, -62_135_510_400_000, -1_000, 253_402_300_800_000)
+
+
+def _now_ms():
+    return int(time.time() * 1000)
+
+
+def _fill(server, rows, mac=MAC):
+    """``rows`` readings of field 1 over the last 23 hours, written by another process (like an import)."""
+    assert server.update("20.0", mac=mac)[0] == 200  # the station registers as in the field
+    station = server.rows("SELECT id FROM stations WHERE mac = ?", (mac,))[0][0]
+    now = _now_ms()
+    step = 23 * 3_600_000 // rows
+    with sqlite3.connect(str(server.db), timeout=10) as conn:
+        conn.executemany("INSERT INTO readings (station_id, field, value, ts) VALUES (?, 1, ?, ?)",
+                         ((station, i % 400 / 10, now - (rows - i) * step) for i in range(rows)))
+    conn.close()
+    return station
+
+
+def _since():
+    return urllib.parse.quote(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 86_400)))
+
+
+def _export_path(fmt="json", limit=100_000):
+    return "/api/readings?limit=%d&since=%s&format=%s" % (limit, _since(), fmt)
+
+
+def _read_all(sock):
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _raw(server, data, timeout=15):
+    """Send bytes on a new connection; return all the server answers until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        return _read_all(sock)
+
+
+def _slow_reader(server, path):
+    """A client that asks for ``path`` and then never reads: a tiny receive window, the status line only."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+    return sock, sock.recv(12)
+
+
+def _at_once(server, requests, source="127.0.0.1"):
+    """Send each raw request on its own connection, all finished at the same moment; return the statuses."""
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=30, source_address=(source, 0))
+             for _ in requests]
+    for sock, request in zip(socks, requests):
+        sock.sendall(request[:-2])  # everything but the blank line's end
+    for sock in socks:
+        sock.sendall(b"\r\n")
+    statuses = []
+    for sock in socks:
+        statuses.append(int(sock.recv(64).split(b" ")[1]))
+        sock.close()
+    return statuses
+
+
+def _channel(server, mac=MAC):
+    out = cli(server.db, "--channel-key", mac).stdout
+    channel, key = re.search(r"channel (\d+) \(.*\) write key: ([0-9A-F]{16})", out).groups()
+    return int(channel), key
+
+
+# -- 3. measurement times that cannot be stored or shown -------------------------------------------------------
+
+_BAD_TIMES = ("0001-01-01T00:00:00+01:00", "0001-01-01 00:00:00", "0001-01-01", "0000-12-31T23:00:00Z",
+              "1969-12-31T23:59:59Z", "1970-01-01", "2019-12-30 23:59:59", "9999-12-31T23:59:59-12:00",
+              "9999-12-31 23:59:59", "2999-01-01", "1700000000", "2026-02-30T00:00:00Z", "")
+_ZONES = (None, "UTC", "Pacific/Kiritimati", "Etc/GMT+12", "Asia/Kathmandu")
+
+
+def test_impossible_created_at_is_400_in_every_form_and_nothing_is_stored(server):
+    assert server.update("20")[0] == 200
+    channel, key = _channel(server)
+    for text in _BAD_TIMES[:-1]:
+        for zone in _ZONES:
+            params = {"api_key": key, "field1": "1", "created_at": text}
+            if zone:
+                params["timezone"] = zone
+            query = urllib.parse.urlencode(params)
+            for path, method, body, content_type in (
+                    ("/update?" + query, "GET", None, None),
+                    ("/update.json?" + query, "GET", None, None),
+                    ("/update", "POST", query, "application/x-www-form-urlencoded"),
+                    ("/update.json", "POST", json.dumps(params), "application/json")):
+                status, _, answer = server.request(path, method=method, body=body,
+                                                   headers={"Content-Type": content_type} if content_type else {})
+                assert status == 400 and "created_at" in answer, (text, zone, path, method, answer)
+    assert len(server.rows()) == 1
+
+
+def test_impossible_read_times_are_400_or_an_empty_answer_never_500(server):
+    assert server.update("20")[0] == 200
+    channel, _ = _channel(server)
+    for text in _BAD_TIMES:
+        quoted = urllib.parse.quote(text)
+        for path in ("/api/readings?since=%s" % quoted, "/api/readings.csv?until=%s" % quoted,
+                     "/api/readings?since=%s&until=%s" % (quoted, quoted)):
+            assert server.request(path)[0] in (200, 400), path
+        for zone in _ZONES:
+            tz = "&timezone=%s" % urllib.parse.quote(zone) if zone else ""
+            for name in ("start", "end"):
+                for path in ("/channels/%d/feeds.json?%s=%s%s" % (channel, name, quoted, tz),
+                             "/channels/%d/fields/1.csv?%s=%s%s" % (channel, name, quoted, tz),
+                             "/channels/%d/fields/1/last.txt?%s=%s%s" % (channel, name, quoted, tz)):
+                    assert server.request(path)[0] in (200, 400, 404), path
+    assert "Traceback" not in server.log
+
+
+def test_a_back_dated_row_already_in_the_database_breaks_no_read(start):
+    server = start(*FAST)
+    assert server.update("20")[0] == 200
+    channel, _ = _channel(server)
+    with sqlite3.connect(str(server.db)) as conn:  # written by an older iotserver, or by hand
+        conn.executemany("INSERT INTO readings (station_id, field, value, ts) VALUES (?, ?, 5, ?)",
+                         [(channel, 1, ms) for ms in BOGUS_MS] + [(channel, 3, BOGUS_MS[0])])
+    conn.close()
+    everything = "since=0001-01-01T00:00:00Z&until=9999-12-31T23:59:59-12:00"
+    paths = ("/", "/?fragment=1", "/api/latest", "/api/readings?" + everything, "/api/readings.csv?" + everything,
+             "/channels/%d.json" % channel, "/channels/%d/feeds.json" % channel, "/channels/%d/feeds.csv" % channel,
+             "/channels/%d/feeds.json?start=0001-01-02&timezone=Pacific/Kiritimati" % channel,
+             "/channels/%d/fields/3.json?timezone=Etc/GMT%%2B12" % channel,
+             "/channels/%d/fields/1/last.txt" % channel, "/channels/%d/feeds/last.json" % channel,
+             "/channels/%d/fields/3/last_data_age.json" % channel)
+    logs = []
+    for restarted in (False, True):  # the finding: /api/latest stayed broken even after a restart
+        if restarted:
+            server.stop()
+            server = start(*FAST, db=server.db)
+        for path in paths:
+            status, _, body = server.request(path)
+            assert status in (200, 404), (path, status, body)
+        latest = json.loads(server.request("/api/latest")[2])["stations"][0]
+        assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", f["time"])
+                   for f in latest["fields"].values())
+        times = [r["time"] for r in json.loads(server.request("/api/readings?" + everything)[2])]
+        assert times[0] == "0001-01-02T00:00:00.000Z" and times[1] == "1969-12-31T23:59:59.000Z"
+        assert times[-1] == "9999-12-30T00:00:00.000Z"  # year 10000 shown as the last day a date can hold
+        logs.append(server.log)
+    assert "Traceback" not in "".join(logs)
+    assert cli(server.db, "--stations").returncode == 0
+
+
