@@ -485,12 +485,14 @@ class Store:
                 conn.execute("PRAGMA user_version = %d" % number)
 
     def close(self):
-        """Close the database (after a final checkpoint)."""
+        """Close the database after a checkpoint that waits for no one (the last connection's close finishes it)."""
         with self._lock:
             while self._readers:
                 self._readers.pop().close()
+            # not TRUNCATE: it holds the write lock while it waits for readers (a backup), so every
+            # station would wait up to BUSY_TIMEOUT at the end of each admin command
             with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._conn.close()
 
     # -- cached settings and stations; reloaded when another process commits --

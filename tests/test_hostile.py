@@ -174,3 +174,34 @@ def test_a_back_dated_row_already_in_the_database_breaks_no_read(start):
     assert cli(server.db, "--stations").returncode == 0
 
 
+# -- 4. admin commands and a long read (sqlite3 ".backup") -----------------------------------------------------
+
+
+def test_admin_commands_do_not_stall_stations_while_a_long_read_is_open(server):
+    assert server.update("1")[0] == 200
+    reader = sqlite3.connect(str(server.db), isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM readings").fetchone()  # what sqlite3's .backup holds for its whole copy
+    assert server.update("2")[0] == 200  # the WAL now has frames the reader does not see
+    done = threading.Event()
+
+    def admin():
+        for args in (("--rename", MAC, "Garden"), ("--lock",), ("--stations",)):
+            cli(server.db, *args)
+        done.set()
+
+    thread = threading.Thread(target=admin)
+    thread.start()
+    posts = []
+    while not done.is_set():
+        started = time.monotonic()
+        posts.append((server.update("3")[0], time.monotonic() - started))
+        time.sleep(0.05)
+    thread.join()
+    reader.execute("ROLLBACK")
+    reader.close()
+    assert {status for status, _ in posts} == {200}
+    # a checkpoint waiting for the reader used to hold the write lock for 5 s at the end of every command
+    assert max(took for _, took in posts) < 2.5, posts
+
+
