@@ -315,12 +315,10 @@ class TokenBuckets:
         self._buckets = collections.OrderedDict()  # key -> [tokens, last refill]
         self._lock = threading.Lock()
 
-    def _refill(self, key, now, create):
-        """The bucket of ``key`` topped up to ``now`` (under the lock); None if absent and not ``create``."""
+    def _refill(self, key, now):
+        """The bucket of ``key`` topped up to ``now`` (under the lock), a full one if it is new."""
         bucket = self._buckets.get(key)
         if bucket is None:
-            if not create:
-                return None
             if len(self._buckets) >= self.max_entries:
                 self._buckets.popitem(last=False)
             bucket = self._buckets[key] = [self.burst, now]
@@ -333,20 +331,14 @@ class TokenBuckets:
     def _wait(self, tokens):
         return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate if self.rate > 0 else 3600.0
 
-    def take(self, key, now=None):
-        """Take a token; return 0 when allowed, else the seconds until one is available."""
+    def take(self, key, now=None, cost=1.0):
+        """Take ``cost`` tokens if there is one, in one step; return 0 when allowed, else the seconds to wait."""
         with self._lock:
-            bucket = self._refill(key, time.monotonic() if now is None else now, create=True)
+            bucket = self._refill(key, time.monotonic() if now is None else now)
             wait = self._wait(bucket[0])
             if not wait:
-                bucket[0] -= 1.0
+                bucket[0] -= cost
             return wait
-
-    def peek(self, key, now=None):
-        """Return the seconds until ``key`` may take a token, without taking one."""
-        with self._lock:
-            bucket = self._refill(key, time.monotonic() if now is None else now, create=False)
-            return self._wait(bucket[0]) if bucket else 0.0
 
     def __len__(self):
         return len(self._buckets)
@@ -389,6 +381,11 @@ MIGRATIONS = (
         "ALTER TABLE readings ADD COLUMN entry INTEGER",
     ),
 )
+
+def client_network(address):
+    """Whom the wrong-key throttle counts as one client: an IPv4 address, or an IPv6 address's /64
+    (one home or VM gets a whole /64: counted per address, it would have endless guesses)."""
+    return str(ipaddress.IPv6Network((address, 64), strict=False)) if ":" in address else address
 
 
 def _new_write_key():
@@ -1727,21 +1724,19 @@ class Handler(BaseHTTPRequestHandler):
         self._body_read = True
         return body
 
-    def check_key(self, valid, message, headers=()):
-        """The wrong-key throttle: 429 while this address is throttled; a wrong key counts and gets 401.
+    def check_key(self, found, message, headers=()):
+        """The wrong-key throttle: 429 while this client is throttled; a wrong key costs a token and gets 401.
 
-        ``valid()`` checks the key (in constant time) and returns what the caller needs.
+        ``found`` is what the key check (in constant time) found, falsy for a wrong key. Whether
+        the client may learn it and the charge for a wrong one are one step of its bucket, so
+        keys sent at once cannot all be checked while each waits for the others to be counted.
         """
-        failures = self.server.key_failures
-        address = self.client_ip()
-        wait = failures.peek(address)
+        wait = self.server.key_failures.take(client_network(self.client_ip()), cost=0.0 if found else 1.0)
         if wait:
             raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "too many wrong keys; wait", _retry_after(wait))
-        result = valid()
-        if not result:
-            failures.take(address)
+        if not found:
             raise HTTPError(HTTPStatus.UNAUTHORIZED, message, headers)
-        return result
+        return found
 
     def client_ip(self):
         """The client's address: the TCP peer, or the X-Real-IP a trusted proxy (nginx) sent."""
@@ -1846,7 +1841,7 @@ def read_access(req, match):
     challenge = [("WWW-Authenticate", 'Basic realm="iotserver", charset="UTF-8"')]
     if given is None:  # the browser's first try: ask for the password, count nothing
         raise HTTPError(HTTPStatus.UNAUTHORIZED, message, challenge)
-    req.check_key(lambda: hmac.compare_digest(given, server.api_key().encode()), message, challenge)
+    req.check_key(hmac.compare_digest(given, server.api_key().encode()), message, challenge)
 
 
 def channel_access(req, match):
@@ -1856,7 +1851,7 @@ def channel_access(req, match):
         return
     given = parse_ts_params(req.query).get("api_key", "").encode()
     channel = int(match.group(1))
-    req.check_key(lambda: hmac.compare_digest(given, server.api_key().encode())
+    req.check_key(hmac.compare_digest(given, server.api_key().encode())
                   or (server.store.station_for_write_key(given) or (None, None))[1] == channel,
                   "this channel is private: send api_key")
 
@@ -1865,7 +1860,7 @@ def on_station_update(req, match):
     """GET /update/API_key=KEY/mac=MAC/field=N/data=VALUE: store one reading from a station."""
     server = req.server
     key, mac, field, value = parse_update(req.target)
-    req.check_key(lambda: hmac.compare_digest(key, server.api_key().encode()), "wrong API key")
+    req.check_key(hmac.compare_digest(key, server.api_key().encode()), "wrong API key")
     wait = server.buckets.take(mac)
     if wait:
         raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "station %s is posting too often" % mac, _retry_after(wait))
@@ -1914,7 +1909,7 @@ def on_ts_update(req, match):
     key = params.get("api_key") or req.headers.get("X-THINGSPEAKAPIKEY") or req.headers.get("THINGSPEAKAPIKEY")
     if not key:
         raise HTTPError(HTTPStatus.UNAUTHORIZED, "api_key missing: a channel's write key (see --channel-key)")
-    mac, channel = req.check_key(lambda: server.store.station_for_write_key(key.encode("utf-8", "replace")),
+    mac, channel = req.check_key(server.store.station_for_write_key(key.encode("utf-8", "replace")),
                                  "wrong write API key")
     values, when = parse_ts_write(params)
     wait = server.buckets.take(mac)

@@ -94,6 +94,43 @@ def _channel(server, mac=MAC):
     return int(channel), key
 
 
+# -- 2. and 11. the wrong-key throttle cannot be raced, and counts an IPv6 /64 as one client ----------------
+
+
+def test_150_wrong_keys_sent_at_once_are_not_all_checked(server):
+    request = b"GET /update/API_key=guess-%03d/mac=" + MAC.encode() + b"/field=1/data=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+    statuses = _at_once(server, [request % i for i in range(150)])
+    assert statuses.count(401) <= iotserver.KEY_FAILURE_BURST and statuses.count(429) >= 150 - iotserver.KEY_FAILURE_BURST
+    assert server.rows() == []
+
+
+def test_150_wrong_write_keys_sent_at_once_are_not_all_checked(start):
+    server = start("--api-key", "station-key-123", *FAST)
+    assert server.update("20", key="station-key-123")[0] == 200
+    request = b"GET /update?api_key=%016X&field1=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+    statuses = _at_once(server, [request % i for i in range(150)])
+    assert statuses.count(401) <= iotserver.KEY_FAILURE_BURST and statuses.count(429) >= 150 - iotserver.KEY_FAILURE_BURST
+    assert len(server.rows()) == 1
+
+
+def test_a_station_posting_often_with_the_right_key_is_never_throttled(server):
+    answers = _at_once(server, [b"GET /update/API_key=%s/mac=%s/field=1/data=%d HTTP/1.1\r\nHost: x\r\n\r\n"
+                                % (server.key.encode(), MAC.encode(), i) for i in range(40)])
+    assert answers == [200] * 40 and len(server.rows()) == 40
+
+
+def test_one_ipv6_network_gets_the_guesses_of_one_client(server):
+    # behind nginx (a trusted proxy), X-Real-IP names the client; a /64 is one customer's network
+    def guess(address, i):
+        return server.update(key="guess-%04d" % i, headers={"X-Real-IP": address})[0]
+
+    answers = [guess("2001:db8:0:7::%x" % (i + 1), i) for i in range(iotserver.KEY_FAILURE_BURST)]
+    assert answers == [401] * iotserver.KEY_FAILURE_BURST
+    assert guess("2001:db8:0:7:ffff:ffff:ffff:ffff", 99) == 429
+    assert guess("2001:db8:0:8::1", 99) == 401  # the next /64 is someone else
+    assert guess("192.0.2.7", 99) == 401
+
+
 # -- 3. measurement times that cannot be stored or shown -------------------------------------------------------
 
 _BAD_TIMES = ("0001-01-01T00:00:00+01:00", "0001-01-01 00:00:00", "0001-01-01", "0000-12-31T23:00:00Z",
