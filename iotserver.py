@@ -1665,6 +1665,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self):
         """Run the row of ROUTES that answers this path and method, after its access check."""
+        self._check_framing()
         allowed = []
         for route in ROUTES:
             match = route.match(self.target)
@@ -1699,14 +1700,24 @@ class Handler(BaseHTTPRequestHandler):
             self.log_error("internal error:\n%s", traceback.format_exc())
             return HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
 
+    def _check_framing(self):
+        """400 and hang up unless the body's end is told one way only (RFC 9112: a body read two ways smuggles a request)."""
+        lengths = self.headers.get_all("Content-Length", [])
+        problem = ("a header is folded over two lines" if any("\n" in v or "\r" in v for v in self.headers.values())
+                   else "Content-Length is given twice" if len(lengths) > 1
+                   else "Content-Length is not a number" if lengths and not re.fullmatch(r"[0-9]+", lengths[0].strip(), re.ASCII)
+                   else "Content-Length and Transfer-Encoding together" if lengths and "Transfer-Encoding" in self.headers
+                   else None)
+        if problem:
+            self.close_connection = True
+            raise HTTPError(HTTPStatus.BAD_REQUEST, problem)
+
     def read_body(self):
         """The request body (a ThingSpeak form or JSON), at most MAX_BODY bytes."""
         if "Transfer-Encoding" in self.headers:
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
-        length = self.headers.get("Content-Length", "0").strip()
-        if not re.fullmatch(r"[0-9]{1,9}", length, re.ASCII):
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number")
-        if int(length) > MAX_BODY:
+        length = self.headers.get("Content-Length", "0").strip()  # digits only: see _check_framing
+        if len(length) > 9 or int(length) > MAX_BODY:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body is larger than %d bytes" % MAX_BODY)
         self._phase = "reading"  # a body trickled in byte by byte is cut off like slow headers
         try:

@@ -242,3 +242,38 @@ def test_admin_commands_do_not_stall_stations_while_a_long_read_is_open(server):
     assert max(took for _, took in posts) < 2.5, posts
 
 
+# -- 6. request framing: one body length, or none ---------------------------------------------------------------
+
+
+def test_a_second_content_length_cannot_smuggle_a_reading(server):
+    smuggled = (b"GET /update/API_key=%s/mac=%s/field=1/data=99 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                % (server.key.encode(), MAC.encode()))
+    answer = _raw(server, b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(smuggled), smuggled))
+    assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1 ") == 1
+    assert server.rows() == []
+
+
+@pytest.mark.parametrize("framing", [
+    b"Content-Length: %(n)d\r\nContent-Length: %(n)d",
+    b"Content-Length: %(n)d, %(n)d",
+    b"Content-Length: %(n)d\r\nTransfer-Encoding: chunked",
+    b"Transfer-Encoding: chunked\r\nContent-Length: %(n)d",
+    b"Content-Length: +%(n)d",
+    b"Content-Length: -%(n)d",
+    b"Content-Length: 0%(n)d 0",
+    b"Content-Length: 99999999999999999999999999999999999999999",
+    b"Content-Length:\r\n %(n)d",
+    b"Content-Length: %(n)d\r\nX-Folded: a\r\n\tb",
+])
+def test_ambiguous_body_framing_is_400_and_the_connection_closed(server, framing):
+    assert server.update("20")[0] == 200
+    _, key = _channel(server)
+    body = b"api_key=%s&field1=7" % key.encode()
+    answer = _raw(server, b"POST /update HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                          b"%s\r\n\r\n%s" % (framing % {b"n": len(body)}, body))
+    assert re.match(rb"HTTP/1.1 4\d\d ", answer) and answer.count(b"HTTP/1.1 ") == 1, answer
+    assert b"Connection: close" in answer
+    assert [r[2] for r in server.rows()] == [20.0]
+
+
