@@ -234,6 +234,14 @@ def _unquote_strict(text):
     return _PERCENT_RE.sub(lambda m: bytes([int(m.group(1), 16)]), raw)
 
 
+def parse_query(text, max_fields):
+    """The name/value pairs of a query string or form, or HTTPError(400): malformed, not UTF-8, too many."""
+    try:
+        return urllib.parse.parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields, errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "parameters are malformed, not UTF-8, or more than %d" % max_fields) from None
+
+
 def parse_mac(text):
     """Return the canonical form (``6c:ef:7a:3b:9d:e8``) of a MAC, or raise ValueError."""
     if not isinstance(text, str) or not _MAC_RE.fullmatch(text):
@@ -1300,13 +1308,8 @@ def render_latest(store, now):
 def parse_readings_query(query, now):
     """The parameters of /api/readings: mac, field, since, until, limit, format."""
     allowed = ("mac", "field", "since", "until", "limit", "format", "key")
-    try:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=len(allowed) + 1,
-                                       errors="strict")
-    except (ValueError, UnicodeDecodeError):
-        raise HTTPError(HTTPStatus.BAD_REQUEST, "query string is malformed or too long") from None
     params = {}
-    for name, value in pairs:
+    for name, value in parse_query(query, len(allowed) + 1):
         if name not in allowed:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "unknown parameter %r; use %s" % (name[:20], ", ".join(allowed[:-1])))
         if name in params:
@@ -1401,9 +1404,8 @@ def _ts_time(ms, zone, csv_style=False):
 def parse_ts_params(query, body=b"", content_type=""):
     """Parameters from the query string and a form or JSON body, each name once."""
     params = {}
-    pairs = []
+    pairs = parse_query(query, 40)
     try:
-        pairs += urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=40, errors="strict")
         if body and content_type.split(";")[0].strip().lower() == "application/json":
             data = json.loads(body.decode("utf-8"))
             if not isinstance(data, dict):
@@ -1411,9 +1413,8 @@ def parse_ts_params(query, body=b"", content_type=""):
             pairs += [(str(k), "" if v is None else str(v)) for k, v in data.items()
                       if isinstance(v, (str, int, float)) or v is None]
         elif body:
-            pairs += urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=40,
-                                            errors="strict")
-    except (ValueError, UnicodeDecodeError):
+            pairs += parse_query(body.decode("utf-8"), 40)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
         raise HTTPError(HTTPStatus.BAD_REQUEST, "parameters are malformed (send a form, JSON object or query string)") from None
     for name, value in pairs:
         if name in params and params[name] != value:
@@ -1845,7 +1846,7 @@ def read_access(req, match):
     if auth[:6].lower() == "basic ":
         with contextlib.suppress(ValueError):
             given = base64.b64decode(auth[6:].strip(), validate=True).partition(b":")[2]
-    for name, value in urllib.parse.parse_qsl(req.query, max_num_fields=20, errors="replace"):
+    for name, value in parse_query(req.query, 20):
         if name == "key":
             given = value.encode("utf-8", "replace")
     message = "this server is private: log in with the API key as password"
@@ -1886,7 +1887,7 @@ def on_page(req, match):
     if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,255}", host, re.ASCII):
         host = "%s:%d" % server.server_address[:2]
     scheme = "https" if req.headers.get("X-Forwarded-Proto") == "https" and req.from_proxy() else "http"
-    fragment = ("fragment", "1") in urllib.parse.parse_qsl(req.query, max_num_fields=20, errors="replace")
+    fragment = ("fragment", "1") in parse_query(req.query, 20)
     body, nonce = render_page(server.store, server.view, now_ms(), "%s://%s/" % (scheme, host),
                               server.api_key(), server.refresh, fragment)
     return Response(body, content_type="text/html; charset=utf-8", headers=[

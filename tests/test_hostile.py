@@ -242,6 +242,36 @@ def test_admin_commands_do_not_stall_stations_while_a_long_read_is_open(server):
     assert max(took for _, took in posts) < 2.5, posts
 
 
+# -- 5. input that used to raise inside the server -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_twenty_one_query_parameters_are_400_not_500_on_every_read_path(start, private):
+    server = start(*(("--private",) if private else ()), *FAST)
+    assert server.update("20")[0] == 200
+    query = "&".join("a=%d" % i for i in range(21))
+    for path in ("/", "/api/latest", "/api/readings", "/api/readings.json", "/api/readings.csv",
+                 "/channels/1.json", "/channels/1/feeds.json", "/channels/1/fields/1/last.txt"):
+        for method in ("GET", "HEAD"):
+            status, _, body = server.request("%s?%s" % (path, query), method=method)
+            assert status < 500, (path, method, status, body)
+            parses_query = path == "/" or path.startswith("/api/readings") or private and path == "/api/latest"
+            if method == "GET" and parses_query:
+                assert status == 400, (path, status, body)
+    assert "Traceback" not in server.log
+
+
+def test_a_json_body_nested_5000_deep_is_400(server):
+    for path in ("/update", "/update.json"):
+        status, _, body = server.request(path, method="POST", body="[" * 5000 + "]" * 5000,
+                                         headers={"Content-Type": "application/json"})
+        assert status == 400, body
+        status, _, body = server.request(path, method="POST", body='{"field1":' * 1400 + "1" + "}" * 1400,
+                                         headers={"Content-Type": "application/json; charset=utf-8"})
+        assert status == 400, body
+    assert "Traceback" not in server.log and server.rows() == []
+
+
 # -- 6. request framing: one body length, or none ---------------------------------------------------------------
 
 
