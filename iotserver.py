@@ -179,7 +179,14 @@ def _retry_after(seconds):
 #: (so an escaped byte cannot be told from one a client wrote as text).
 _CONTROL_CHARS = {c: "\\x%02x" % c for c in [*range(0x20), *range(0x7F, 0xA0)]}
 _CONTROL_CHARS[ord("\\")] = "\\\\"
-_KEY_IN_TEXT_RE = re.compile(r"((?:api_)?key=)[^/&\s\"]*", re.I)
+
+
+def _spelled(word):
+    """A pattern for ``word`` as a client may write it: any letter percent-encoded too (k%65y is key)."""
+    return "".join("(?:%s|%%%02x|%%%02x)" % (re.escape(c), ord(c.lower()), ord(c.upper())) for c in word)
+
+
+_KEY_IN_TEXT_RE = re.compile(r"((?:%s)?%s=)[^/&\s\"]*" % (_spelled("api_"), _spelled("key")), re.I)
 _DATE = [0, ""]
 
 
@@ -1190,15 +1197,14 @@ def _gather(store, view, now):
     return stations, by_role, lines, history
 
 
-def _empty_state(base_url, api_key):
-    """What a new server shows: how to point a station at it."""
-    masked = api_key[:4] + "…" if api_key else "KEY"
+def _empty_state(base_url):
+    """What a new server shows: how to point a station at it (no part of the key: anyone may look)."""
     return ('<section class="headline unknown"><h1>No readings yet</h1>'
             "<p>Point a station at this server. It posts one URL per reading:</p>"
-            "<p><code>%supdate/API_key=%s/mac=6c:ef:7a:3b:9d:e8/field=1/data=21.4</code></p>"
-            "<p>The full key: <code>python3 iotserver.py --show-key</code> on the server. "
+            "<p><code>%supdate/API_key=KEY/mac=6c:ef:7a:3b:9d:e8/field=1/data=21.4</code></p>"
+            "<p>The key: <code>python3 iotserver.py --show-key</code> on the server. "
             "Field 1 is the temperature in °C; the station appears here with its first reading.</p></section>"
-            % (html.escape(base_url), html.escape(masked)))
+            % html.escape(base_url))
 
 
 def _headline(by_role, history, view, now):
@@ -1255,7 +1261,7 @@ def _chart_panel(lines, view, now):
             % (render_chart([(s["name"], css, data) for s, css, data in lines], view, now), legend))
 
 
-def render_page(store, view, now, base_url, api_key, refresh, fragment=False):
+def render_page(store, view, now, base_url, refresh, fragment=False):
     """The page at /: headline, a card per station, the 24-hour chart. Returns (html, nonce).
 
     With ``fragment``, only the title and <main>, which the open page swaps in.
@@ -1264,7 +1270,7 @@ def render_page(store, view, now, base_url, api_key, refresh, fragment=False):
     if any(s["fields"] for s in stations):
         parts = [_headline(by_role, history, view, now)]
     else:
-        parts = [_empty_state(base_url, api_key)]
+        parts = [_empty_state(base_url)]
     parts += _cards(stations, view, now)
     if stations:
         parts.append(_chart_panel(lines, view, now))
@@ -1839,7 +1845,7 @@ _API_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosni
 def read_access(req, match):
     """With --private, the page and read API need the key: HTTP Basic password or ?key=."""
     server = req.server
-    if not server.private or (req.command == "HEAD" and req.target == "/"):  # uptime monitors need no key
+    if not server.private or (req.command == "HEAD" and req.target == "/"):  # uptime monitors: see on_page
         return
     given = None
     auth = req.headers.get("Authorization", "")
@@ -1883,13 +1889,15 @@ def on_station_update(req, match):
 def on_page(req, match):
     """GET / (and ?fragment=1, what the open page fetches to refresh itself)."""
     server = req.server
+    if req.command == "HEAD" and server.private:  # anyone may ask (read_access): say it is up, show nothing
+        return Response(b"", content_type="text/html; charset=utf-8", headers=[("Cache-Control", "no-store")])
     host = req.headers.get("Host", "")
     if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,255}", host, re.ASCII):
         host = "%s:%d" % server.server_address[:2]
     scheme = "https" if req.headers.get("X-Forwarded-Proto") == "https" and req.from_proxy() else "http"
     fragment = ("fragment", "1") in parse_query(req.query, 20)
     body, nonce = render_page(server.store, server.view, now_ms(), "%s://%s/" % (scheme, host),
-                              server.api_key(), server.refresh, fragment)
+                              server.refresh, fragment)
     return Response(body, content_type="text/html; charset=utf-8", headers=[
         ("Content-Security-Policy", "default-src 'none'; style-src 'nonce-%s'; script-src 'nonce-%s'; "
          "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "

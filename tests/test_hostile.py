@@ -307,3 +307,45 @@ def test_ambiguous_body_framing_is_400_and_the_connection_closed(server, framing
     assert [r[2] for r in server.rows()] == [20.0]
 
 
+# -- 8., 9. and 10. what a stranger can learn -------------------------------------------------------------------
+
+
+def test_head_on_a_private_page_answers_without_rendering_it(start):
+    server = start("--private", *FAST)
+    status, headers, body = server.request("/", method="HEAD")
+    assert status == 200 and body == ""
+    empty = headers["content-length"]
+    for i in range(5):
+        assert server.update("2%d" % i, mac="02:00:00:00:00:%02x" % i)[0] == 200
+    cli(server.db, "--rename", "02:00:00:00:00:01", "Bedroom of someone")
+    status, headers, _ = server.request("/", method="HEAD")
+    assert status == 200 and headers["content-length"] == empty  # the length tells nothing about the data
+    assert server.request("/", method="GET")[0] == 401
+
+
+def test_the_empty_page_shows_no_part_of_the_key(start):
+    server = start("--api-key", "Zq9xW7vK3mTt")
+    status, _, body = server.request("/")
+    assert status == 200 and "No readings yet" in body and "/update/API_key=" in body
+    assert not any("Zq9xW7vK3mTt"[i:i + 3] in body for i in range(10))
+
+
+def test_percent_encoded_key_names_are_redacted_in_the_log(start):
+    server = start("--private", *FAST)
+    assert server.update("20")[0] == 200
+    _, write_key = _channel(server)
+    server.request("/?k%65y=SecretGuess1")
+    server.request("/api/latest?%6B%65%79=SecretGuess2")
+    assert server.request("/update?api_ke%%79=%s&field1=21" % write_key)[0] == 200
+    server.request("/update?%%61pi%%5Fkey=%s&field1=22" % write_key)
+    server.request("/channels/1/feeds.json?API_KEY=SecretGuess3")
+    server.wait_for_log("API_KEY=")
+    assert "SecretGuess" not in server.log and write_key not in server.log
+
+
+def test_c1_control_bytes_are_escaped_in_the_log(server):
+    _raw(server, b"GET /\x85next\x9b31m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    server.wait_for_log(r"\\x85next\\x9b31m")
+    assert "\x85" not in server.log and "\x9b" not in server.log
+
+
