@@ -1083,8 +1083,9 @@ def render_chart(lines, view, now):
                    % (left, width - right, y(value), y(value), left - 4, y(value) + 3.5, "%g" % round(value, 2)))
         value += step
     out.append('<text class="tick" x="%d" y="10" text-anchor="end">°%s</text>' % (left - 4, view.unit))
-    # a tick at every local hour divisible by 6, found on the half hour so any zone offset works
-    tick = (start // 1_800_000 + 1) * 1_800_000
+    # a tick at every local hour divisible by 6, looked for every quarter hour: zones are offset
+    # by whole, half and quarter hours (Asia/Kathmandu +5:45, Australia/Eucla +8:45)
+    tick = (start // 900_000 + 1) * 900_000
     while tick <= now:
         local = view.local(tick)
         if local.minute == 0 and local.hour % 6 == 0:
@@ -1092,7 +1093,7 @@ def render_chart(lines, view, now):
                        '<text class="tick" x="%.1f" y="%d" text-anchor="middle">%s</text>'
                        % (x(tick), x(tick), top, height - bottom, x(tick), height - bottom + 13,
                           local.strftime("%H:%M")))
-        tick += 1_800_000
+        tick += 900_000
     zone = view.local(now).tzname() or ""
     out.append('<text class="tick" x="%d" y="%d" text-anchor="end">time (%s)</text>'
                % (width - right, height - 2, html.escape(zone)))

@@ -349,3 +349,15 @@ def test_c1_control_bytes_are_escaped_in_the_log(server):
     assert "\x85" not in server.log and "\x9b" not in server.log
 
 
+# -- 13. the chart in every time zone ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zone", ["Asia/Kathmandu", "Australia/Eucla", "Pacific/Chatham", "Asia/Kolkata", "UTC"])
+def test_chart_hour_labels_show_in_zones_offset_by_quarter_hours(start, zone):
+    server = start("--tz", zone, *FAST)
+    assert server.update("20")[0] == 200
+    svg = re.search(r"<svg.*</svg>", server.request("/")[2]).group(0)
+    labels = re.findall(r'text-anchor="middle">(\d\d):(\d\d)</text>', svg)
+    assert len(labels) >= 3 and all(m == "00" and int(h) % 6 == 0 for h, m in labels), labels
+
+
