@@ -2376,6 +2376,8 @@ COMMANDS = {
 
 def main(argv=None):
     """Parse the command line; run an admin action or serve."""
+    # a name or path given as bytes that are not UTF-8 prints escaped, not as a traceback
+    sys.stdout.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     command = next((COMMANDS[name] for name in COMMANDS if getattr(args, name) not in (None, False)), None)
     try:

@@ -361,3 +361,17 @@ def test_chart_hour_labels_show_in_zones_offset_by_quarter_hours(start, zone):
     assert len(labels) >= 3 and all(m == "00" and int(h) % 6 == 0 for h, m in labels), labels
 
 
+# -- 14. the command line and text that cannot be printed -------------------------------------------------------
+
+
+def test_unprintable_names_are_refused_and_odd_paths_are_printed(server, tmp_path):
+    assert server.update("20")[0] == 200
+    for args in (("--rename", MAC, b"\xff"), ("--rename", MAC, "a\u202eb"), ("--add-channel", b"\xff\xfe")):
+        proc = cli(server.db, *args, check=False)
+        assert proc.returncode == 2 and "printable" in proc.stderr and "Traceback" not in proc.stderr
+    target = bytes(tmp_path) + b"/copy-\xff.db"
+    proc = cli(server.db, "--backup", target, check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "copy-" in proc.stdout
+    with sqlite3.connect(target) as copy:
+        assert copy.execute("SELECT count(*) FROM readings").fetchone()[0] == 1
+    copy.close()
