@@ -20,6 +20,7 @@ import hmac
 import html
 import io
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -60,8 +61,16 @@ DEFAULT_MAX_STATIONS = 100
 DEFAULT_REFRESH = 30
 #: Connections (each a thread) served at once; the systemd unit allows 512 tasks.
 MAX_CONNECTIONS = 400
-#: Seconds an idle client may keep a connection, and a slow one may take to send a request.
+#: Seconds an idle client may keep a connection, and a slow one may take to send a request
+#: or to take the next part of an answer.
 DEFAULT_TIMEOUT = 20.0
+#: Answers up to this size are sent whole with a Content-Length (what simple clients expect);
+#: longer ones (exports, big feeds) are sent chunked as they are read from the database.
+STREAM_AFTER = 64 * 1024
+#: Long answers sent at once at most (each holds a read snapshot and a thread); one more gets
+#: 503 with a Retry-After of this many seconds.
+HEAVY_READS = 4
+HEAVY_RETRY = 5
 #: Largest |value| accepted; real sensors are far below (pressure in Pa is ~1e5).
 MAX_ABS_VALUE = 1e9
 #: Longest data value accepted, in characters.
@@ -401,6 +410,10 @@ def client_network(address):
     """Whom the wrong-key throttle counts as one client: an IPv4 address, or an IPv6 address's /64
     (one home or VM gets a whole /64: counted per address, it would have endless guesses)."""
     return str(ipaddress.IPv6Network((address, 64), strict=False)) if ":" in address else address
+
+
+#: Rows a long read fetches and encodes at a time (see Snapshot.readings): ~100 KB of JSON.
+READ_BATCH = 1000
 
 
 def _new_write_key():
@@ -767,6 +780,8 @@ class Store:
         except IndexError:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA query_only = ON")
+            # each pooled reader keeps a page cache of its own (2 MB by default); the OS caches the file anyway
+            conn.execute("PRAGMA cache_size = -256")
         conn.execute("BEGIN")
         try:
             yield Snapshot(self, conn)
@@ -878,30 +893,58 @@ class Snapshot:
         return rows[::-1]
 
     def readings(self, station_ids, field, since_ms, until_ms, limit):
-        """Readings in a time range, oldest first: [(ts, mac, name, field, value)]."""
-        marks = ",".join("?" * len(station_ids))
-        sql = ("SELECT r.ts, s.mac, s.name, r.field, r.value FROM readings r JOIN stations s ON s.id = r.station_id "
-               "WHERE r.station_id IN (%s) AND r.ts >= ? AND r.ts < ?" % marks)
-        params = list(station_ids) + [since_ms, until_ms]
-        if field:
-            sql += " AND r.field = ?"
-            params.append(field)
-        sql += " ORDER BY r.ts, r.id LIMIT ?"
-        return self._conn.execute(sql, params + [limit]).fetchall()
+        """Readings in a time range, oldest first, READ_BATCH at a time: lists of (ts, id, mac, name, field, value).
+
+        Read in time windows that grow while they hold few rows and shrink while they hold
+        many: one ORDER BY over the whole range would make SQLite sort all of it (megabytes
+        for a big export) before handing out the first row.
+        """
+        sql = ("SELECT r.ts, r.id, s.mac, s.name, r.field, r.value FROM readings r JOIN stations s ON s.id = r.station_id "
+               "WHERE r.station_id IN (%s)%s AND r.ts >= ? AND r.ts < ? AND (r.ts > ? OR r.id > ?) "
+               "ORDER BY r.ts, r.id LIMIT ?" % (",".join("?" * len(station_ids)), " AND r.field = ?" if field else ""))
+        chosen = list(station_ids) + ([field] if field else [])
+        after, width = (since_ms, -1), 60_000  # (ts, id) of the last row handed out; the window's length
+        while limit > 0 and after[0] < until_ms:
+            end = min(until_ms, after[0] + width)
+            rows = self._conn.execute(sql, chosen + [after[0], end, *after, min(limit, READ_BATCH)]).fetchall()
+            if rows:
+                yield rows
+                limit -= len(rows)
+            if len(rows) == READ_BATCH:  # more may be left in this window
+                after, width = rows[-1][:2], max(1, width // 2)
+            else:
+                after, width = (end, -1), width * 2
 
     def entries(self, station_id, field, since_ms, until_ms, limit):
-        """A channel's newest ThingSpeak entries in a range, oldest first: [(entry id, ms, {field: value})]."""
-        sql = ("SELECT coalesce(entry, id), ts, field, value FROM readings WHERE station_id = ? AND ts >= ? "
-               "AND ts < ?%s ORDER BY ts DESC, id DESC LIMIT ?" % (" AND field = ?" if field else ""))
-        args = [station_id, since_ms, until_ms] + ([field] if field else []) + [limit * 8]
-        entries = collections.OrderedDict()
-        for entry, ts, f, value in self._conn.execute(sql, args):
-            if entry not in entries:
-                if len(entries) == limit:
+        """A channel's newest ``limit`` ThingSpeak entries in a range, oldest first, READ_BATCH at a time:
+        lists of (entry id, ms, {field: value}).
+
+        An entry's rows are adjacent (one write, one time, consecutive ids): a first pass,
+        newest first, only counts entries to find the oldest one wanted; the second reads
+        forward from there, so no more than a batch is held at once.
+        """
+        where = "station_id = ? AND ts < ?" + (" AND field = ?" if field else "")
+        args = [station_id, until_ms] + ([field] if field else [])
+        start, seen, last = (until_ms, 0), 0, None  # (ts, id) of the oldest row wanted; none yet
+        for ts, row, entry in self._conn.execute("SELECT ts, id, coalesce(entry, id) FROM readings WHERE %s "
+                                                 "AND ts >= ? ORDER BY ts DESC, id DESC" % where, args + [since_ms]):
+            if entry != last:
+                if seen == limit:
                     break
-                entries[entry] = (ts, {})
-            entries[entry][1][f] = value
-        return [(entry, ts, values) for entry, (ts, values) in reversed(entries.items())]
+                seen, last = seen + 1, entry
+            start = (ts, row)
+        rows = self._conn.execute("SELECT coalesce(entry, id), ts, field, value FROM readings WHERE %s AND ts >= ? "
+                                  "AND (ts > ? OR id >= ?) ORDER BY ts, id" % where, args + [start[0], *start])
+        batch = []
+        for entry, ts, f, value in rows:
+            if not batch or batch[-1][0] != entry:
+                if len(batch) == READ_BATCH:
+                    yield batch
+                    batch = []
+                batch.append((entry, ts, {}))
+            batch[-1][2][f] = value
+        if batch:
+            yield batch
 
     def channel_facts(self, station_id):
         """(last entry id, created at ms) of a station's ThingSpeak channel."""
@@ -1350,22 +1393,43 @@ def _csv_cell(text):
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
+def _csv_chunks(header, batches, lineterminator):
+    """CSV in chunks of bytes: the header row, then a chunk per batch of rows."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator=lineterminator)
+    for rows in itertools.chain([[header]], batches):
+        writer.writerows(rows)
+        yield buffer.getvalue().encode("utf-8")
+        buffer.seek(0)
+        buffer.truncate()
+
+
+def _json_array(batches):
+    """A JSON array in chunks of bytes, a chunk per batch of items."""
+    yield b"["
+    comma = b""
+    for items in batches:
+        yield comma + _json(items)[1:-2]  # the items without the list's brackets and newline
+        comma = b","
+    yield b"]"
+
+
 def render_readings(store, query):
-    """/api/readings as (body, content type)."""
+    """/api/readings as chunks of JSON or CSV: rows are read and encoded a batch at a time, never all at once."""
     with store.snapshot() as snap:
         ids = [s["id"] for s in snap.stations if query["mac"] in (None, s["mac"])]
         if query["mac"] and not ids:
             raise HTTPError(HTTPStatus.NOT_FOUND, "no station with mac %s" % query["mac"])
-        rows = snap.readings(ids, query["field"], query["since"], query["until"], query["limit"]) if ids else []
-    if query["format"] == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\r\n")
-        writer.writerow(("time", "mac", "name", "field", "value"))
-        for ts, mac, name, field, value in rows:
-            writer.writerow((iso_ms(ts), mac, _csv_cell(name), field, repr(value)))
-        return buffer.getvalue().encode("utf-8"), "text/csv; charset=utf-8"
-    return _json([{"time": iso_ms(ts), "mac": mac, "name": name, "field": field, "value": value}
-                  for ts, mac, name, field, value in rows]), "application/json"
+        batches = snap.readings(ids, query["field"], query["since"], query["until"], query["limit"]) if ids else []
+        if query["format"] == "csv":
+            yield from _csv_chunks(("time", "mac", "name", "field", "value"), (
+                [(iso_ms(ts), mac, _csv_cell(name), field, repr(value)) for ts, _, mac, name, field, value in rows]
+                for rows in batches), "\r\n")
+        else:
+            yield from _json_array(
+                [{"time": iso_ms(ts), "mac": mac, "name": name, "field": field, "value": value}
+                 for ts, _, mac, name, field, value in rows] for rows in batches)
+            yield b"\n"
 
 
 ###############################################################################
@@ -1381,6 +1445,7 @@ TS_RESULTS, TS_MAX_RESULTS = 100, 8000
 MAX_BODY = 16 * 1024
 _TS_FIELD_RE = re.compile(r"field([1-8])", re.ASCII)
 _TS_IGNORED = ("lat", "long", "elevation", "status", "twitter", "tweet", "talkback_key")
+_TS_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8", "txt": "text/plain; charset=utf-8"}
 
 
 def _ts_value(value):
@@ -1485,7 +1550,7 @@ def _ts_channel(snap, station, zone):
 
 
 def render_ts_read(store, channel_id, what, field, fmt, params):
-    """Answer /channels/ID/...: feeds, a field's feed, last entries, last data age."""
+    """Answer /channels/ID/...: feeds, a field's feed, last entries, last data age; as chunks of bytes."""
     now = now_ms()
     zone = _ts_zone(params)
     with store.snapshot() as snap:
@@ -1493,43 +1558,51 @@ def render_ts_read(store, channel_id, what, field, fmt, params):
         if station is None:
             raise HTTPError(HTTPStatus.NOT_FOUND, "no channel %d" % channel_id)
         if what == "view":
-            return _json(_ts_channel(snap, station, zone)), "application/json"
-        last = what in ("last", "age")
-        entries = _ts_entries(snap, channel_id, field, dict(params, results="1") if last else params, zone, now)
-        channel = _ts_channel(snap, station, zone) if not last else None
-    fields = [field] if field else sorted({f for _, _, values in entries for f in values} |
-                                          ({int(k[5:]) for k in channel if k[:5] == "field"} if channel else set()))
+            yield _json(_ts_channel(snap, station, zone))
+            return
+        if what in ("last", "age"):
+            last = [e for batch in _ts_entries(snap, channel_id, field, dict(params, results="1"), zone, now)
+                    for e in batch]
+            yield _ts_last(what, last, field, fmt, zone, now)
+            return
+        channel = _ts_channel(snap, station, zone)
+        fields = [field] if field else sorted(int(k[5:]) for k in channel if k[:5] == "field")
+        batches = _ts_entries(snap, channel_id, field, params, zone, now)
+        if fmt == "csv":
+            yield from _csv_chunks(["created_at", "entry_id"] + ["field%d" % f for f in fields], (
+                [[_ts_time(ts, zone, csv_style=True), entry] + [_ts_value(values[f]) if f in values else ""
+                                                               for f in fields] for entry, ts, values in batch]
+                for batch in batches), "\n")
+        else:
+            yield b'{"channel":' + _json(channel)[:-1] + b',"feeds":'
+            yield from _json_array([_ts_feed(entry, fields, zone) for entry in batch] for batch in batches)
+            yield b"}\n"
 
-    def feed(entry, ts, values):
-        item = {"created_at": _ts_time(ts, zone), "entry_id": entry}
-        item.update(("field%d" % f, _ts_value(values[f]) if f in values else None) for f in fields)
-        return item
 
+def _ts_feed(entry, fields, zone):
+    """One entry as a ThingSpeak feed item: created_at, entry_id, then each field (None where it has none)."""
+    entry_id, ts, values = entry
+    item = {"created_at": _ts_time(ts, zone), "entry_id": entry_id}
+    item.update(("field%d" % f, _ts_value(values[f]) if f in values else None) for f in fields)
+    return item
+
+
+def _ts_last(what, entries, field, fmt, zone, now):
+    """The answer of a last.* or last_data_age.* read, from the newest entry (a list of at most one)."""
+    if not entries:
+        # ThingSpeak answers -1; the 404 lets a careful script tell it from a reading of -1
+        raise HTTPError(HTTPStatus.NOT_FOUND, "no readings yet" if what == "age" else "-1")
+    entry_id, ts, values = entries[0]
     if what == "age":
-        if not entries:
-            raise HTTPError(HTTPStatus.NOT_FOUND, "no readings yet")
-        age = str(max(0, (now - entries[0][1]) // 1000))
-        if fmt == "json":
-            return _json({"last_data_age": age, "last_data_age_units": "s"}), "application/json"
-        return age.encode(), "text/plain; charset=utf-8"
-    if last:
-        if not entries:
-            # ThingSpeak answers -1; the 404 lets a careful script tell it from a reading of -1
-            raise HTTPError(HTTPStatus.NOT_FOUND, "-1")
-        if fmt == "txt":
-            text = _ts_value(entries[0][2][field]).encode() if field else _json(feed(*entries[0]))
-            return text, "text/plain; charset=utf-8"
-        if fmt == "json":
-            return _json(feed(*entries[0])), "application/json"
+        age = str(max(0, (now - ts) // 1000))
+        return _json({"last_data_age": age, "last_data_age_units": "s"}) if fmt == "json" else age.encode()
+    fields = [field] if field else sorted(values)
     if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["created_at", "entry_id"] + ["field%d" % f for f in fields])
-        for entry, ts, values in entries:
-            writer.writerow([_ts_time(ts, zone, csv_style=True), entry] +
-                            [_ts_value(values[f]) if f in values else "" for f in fields])
-        return buffer.getvalue().encode("utf-8"), "text/csv; charset=utf-8"
-    return _json({"channel": channel, "feeds": [feed(*e) for e in entries]}), "application/json"
+        return b"".join(_csv_chunks(["created_at", "entry_id"] + ["field%d" % f for f in fields], [[
+            [_ts_time(ts, zone, csv_style=True), entry_id] + [_ts_value(values[f]) for f in fields]]], "\n"))
+    if fmt == "txt" and field:
+        return _ts_value(values[field]).encode()
+    return _json(_ts_feed(entries[0], fields, zone))
 
 
 ###############################################################################
@@ -1540,7 +1613,10 @@ def render_ts_read(store, channel_id, what, field, fmt, params):
 
 
 class Response:
-    """What a route returns: status, body bytes, content type and extra headers."""
+    """What a route returns: status, body, content type and extra headers.
+
+    The body is bytes, or chunks of bytes from a generator (a long read): see Handler._stream.
+    """
 
     __slots__ = ("status", "body", "content_type", "headers")
 
@@ -1575,6 +1651,17 @@ def _split_target(target):
         target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
     path, _, query = target.partition("?")
     return path, query
+
+
+def _first_bytes(chunks, size):
+    """At least ``size`` bytes from the start of ``chunks``, unless it ends sooner: (bytes, ended)."""
+    parts, total = [], 0
+    for chunk in chunks:
+        parts.append(chunk)
+        total += len(chunk)
+        if total >= size:
+            return b"".join(parts), False
+    return b"".join(parts), True
 
 
 class _LineReader:
@@ -1616,7 +1703,8 @@ class Handler(BaseHTTPRequestHandler):
         super().setup()
         self.rfile = _LineReader(self.rfile)
         self._peer = _plain_ip(self.client_address[0]) if self.client_address else "-"
-        # idle: waiting for a request line; reading: its headers or body; busy: answering it
+        # idle: waiting for a request line; reading: its headers or body; busy: answering it;
+        # sending: a long answer, chunk by chunk (a client that stops reading may be dropped)
         self._phase, self._since, self._dropped = "idle", time.monotonic(), False
         self.server.track(self, True)
 
@@ -1782,8 +1870,42 @@ class Handler(BaseHTTPRequestHandler):
         if (unread and not self._body_read) or self.server.stopping:
             # an unread request body would be parsed as the next request
             self.close_connection = True
+        if not isinstance(response.body, bytes):
+            return self._stream(response)
         self.log_request(response.status, len(response.body))
         self._write(response.status, response.body, response.content_type, response.headers)
+
+    def _stream(self, response):
+        """Send a body of chunks: whole with a Content-Length if it is short, else chunk by chunk as it is read.
+
+        A long answer takes one of HEAVY_READS places for as long as it is sent, or gets 503 at
+        once: waiting would hold a read snapshot, a buffer and a thread. The chunks are closed
+        in every case, so a client that leaves releases the snapshot at once.
+        """
+        with contextlib.closing(response.body) as chunks:
+            first = self._safely(lambda: _first_bytes(chunks, STREAM_AFTER))  # errors before the status line
+            if isinstance(first, HTTPError):
+                return self._send(first)
+            head, finished = first
+            if finished:
+                return self._send(Response(head, response.status, response.content_type, response.headers))
+            if not self.server.heavy_reads.acquire(blocking=False):
+                return self._send(HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "busy sending other long answers; "
+                                            "try again", _retry_after(HEAVY_RETRY)))
+            size = "-"  # in the log: not sent whole
+            try:
+                self._phase, self._since = "sending", time.monotonic()
+                size = self._write(response.status, itertools.chain([head], chunks), response.content_type,
+                                   response.headers)
+            except (OSError, MemoryError):
+                raise
+            except Exception:
+                # the status line is out: end the answer without its last chunk, so it shows as cut short
+                self.log_error("internal error while sending:\n%s", traceback.format_exc())
+                self.close_connection = True
+            finally:
+                self.server.heavy_reads.release()
+                self.log_request(response.status, size)
 
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server itself: short plain text, never 5xx for client input."""
@@ -1803,19 +1925,41 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def _write(self, status, body, content_type="text/plain; charset=utf-8", headers=()):
-        """Status line, headers and body (none for HEAD): the one place an answer is written."""
+        """Status line, headers and body (none for HEAD): the one place an answer is written.
+
+        ``body`` is bytes, or chunks: sent chunked to HTTP/1.1 clients, and to HTTP/1.0 ones until
+        the connection closes. Returns the body's size.
+        """
+        whole, chunked = isinstance(body, bytes), self.request_version == "HTTP/1.1"
         self.send_response_only(status)
         self.send_header("Server", self.version_string())
         self.send_header("Date", _http_date())
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        if whole:
+            self.send_header("Content-Length", str(len(body)))
+        elif chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
         for name, value in headers:
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command == "HEAD":
+            return 0
+        if whole:
             self.wfile.write(body)
+            return len(body)
+        size = 0
+        for chunk in body:
+            if chunk:  # an empty chunk would end a chunked body
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                size += len(chunk)
+                self._since = time.monotonic()  # progress: the client is reading
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        return size
 
     def version_string(self):
         return self.server_version
@@ -1918,8 +2062,8 @@ def on_readings(req, match):
     params = parse_readings_query(req.query, now_ms())
     if req.target.endswith(".csv"):
         params["format"] = "csv"
-    body, content_type = render_readings(req.server.store, params)
-    return Response(body, content_type=content_type, headers=_API_HEADERS)
+    content_type = "text/csv; charset=utf-8" if params["format"] == "csv" else "application/json"
+    return Response(render_readings(req.server.store, params), content_type=content_type, headers=_API_HEADERS)
 
 
 def on_ts_update(req, match):
@@ -1955,9 +2099,9 @@ def on_ts_read(req, match):
             "feed" if match.group("feeds") or match.group("field") else "view")
     if fmt == "txt" and what not in ("last", "age") or fmt == "csv" and what == "view":
         raise HTTPError(HTTPStatus.NOT_FOUND, "no such page (use .json or .csv)")
-    body, content_type = render_ts_read(req.server.store, int(match.group(1)), what,
-                                        int(match.group("field") or 0) or None, fmt, params)
-    return Response(body, content_type=content_type, headers=_API_HEADERS)
+    chunks = render_ts_read(req.server.store, int(match.group(1)), what, int(match.group("field") or 0) or None,
+                            fmt, params)
+    return Response(chunks, content_type=_TS_TYPES[fmt], headers=_API_HEADERS)
 
 
 #: The URL space, in one table: path (exact, or a pattern for the whole path), methods,
@@ -1999,6 +2143,7 @@ class Server(ThreadingHTTPServer):
         self.fixed_key = api_key
         self.buckets = TokenBuckets(rate / 60.0, burst)
         self.key_failures = TokenBuckets(1.0 / KEY_FAILURE_INTERVAL, KEY_FAILURE_BURST)
+        self.heavy_reads = threading.BoundedSemaphore(HEAVY_READS)
         self.client_timeout = client_timeout
         self.quiet = quiet
         self.max_stations = max_stations
