@@ -368,6 +368,11 @@ class TokenBuckets:
         return len(self._buckets)
 
 
+def client_network(address):
+    """Whom the wrong-key throttle counts as one client: an IPv4 address, or an IPv6 address's /64
+    (one home or VM gets a whole /64: counted per address, it would have endless guesses)."""
+    return str(ipaddress.IPv6Network((address, 64), strict=False)) if ":" in address else address
+
 
 
 ###############################################################################
@@ -405,11 +410,6 @@ MIGRATIONS = (
         "ALTER TABLE readings ADD COLUMN entry INTEGER",
     ),
 )
-
-def client_network(address):
-    """Whom the wrong-key throttle counts as one client: an IPv4 address, or an IPv6 address's /64
-    (one home or VM gets a whole /64: counted per address, it would have endless guesses)."""
-    return str(ipaddress.IPv6Network((address, 64), strict=False)) if ":" in address else address
 
 
 #: Rows a long read fetches and encodes at a time (see Snapshot.readings): ~100 KB of JSON.
