@@ -1159,7 +1159,7 @@ dt{color:var(--muted);font-size:.9rem}dd{margin:0}
 circle.line.outdoor{fill:var(--out)}circle.line.indoor{fill:var(--in)}
 .line.other0{stroke:#8e44ad}.line.other1{stroke:#16a085}.line.other2{stroke:#7f8c8d}
 .legend{font-size:.85rem;color:var(--muted)}.legend b{font-weight:600}.k-outdoor{color:var(--out)}.k-indoor{color:var(--in)}
-code{font-size:.85rem}.url{overflow-wrap:anywhere}
+code{font-size:.85rem}.url{overflow-wrap:anywhere}.word{white-space:nowrap}
 footer{color:var(--muted);font-size:.8rem;margin-top:16px;text-align:center}
 """
 
@@ -1216,16 +1216,22 @@ def _gather(store, view, now):
     return stations, by_role, lines, history
 
 
+def _command(text):
+    """A command in <code> that wraps only between its words (browsers also break after a '-')."""
+    return "<code>%s</code>" % " ".join('<span class="word">%s</span>' % html.escape(word) for word in text.split(" "))
+
+
 def _empty_state(base_url, api_key):
     """What a new server shows: how to point a station at it."""
     masked = api_key[:4] + "…" if api_key else "KEY"
     return ('<section class="headline unknown"><h1>No readings yet</h1>'
             "<p>Point a station at this server. It posts one URL per reading:</p>"
             '<p><code class="url">%s</code></p>'
-            "<p>The full key: <code>python3 iotserver.py --show-key</code> on the server. "
+            "<p>The full key: %s on the server. "
             "Field 1 is the temperature in °C; the station appears here with its first reading.</p></section>"
             # the long URL may wrap after a slash of its path (or, only where nothing else fits, inside a part)
-            % (html.escape(base_url) + html.escape(_example_url("", masked)).replace("/", "/<wbr>")))
+            % (html.escape(base_url) + html.escape(_example_url("", masked)).replace("/", "/<wbr>"),
+               _command("python3 iotserver.py --show-key")))
 
 
 def _headline(by_role, history, view, now):
@@ -1236,8 +1242,8 @@ def _headline(by_role, history, view, now):
         detail = "<p>Outside %s · inside %s</p>" % (
             view.show(1, by_role["outdoor"]["fields"][1]["value"]), view.show(1, by_role["indoor"]["fields"][1]["value"]))
     elif "marked" in text:
-        detail = ("<p>Mark them on the server: <code>python3 iotserver.py --role MAC outdoor</code> "
-                  "and <code>--role MAC indoor</code></p>")
+        detail = "<p>Mark them on the server: %s and %s</p>" % (
+            _command("python3 iotserver.py --role MAC outdoor"), _command("--role MAC indoor"))
     return '<section class="headline %s" id="headline"><h1>%s</h1>%s</section>' % (kind, html.escape(text), detail)
 
 
