@@ -113,7 +113,7 @@ class HTTPError(IotError):
 class Refused(IotError):
     """Storage will not take a reading (registration locked, station limit); ``reason`` names which."""
 
-    def __init__(self, message, reason):
+    def __init__(self, message, reason="refused"):
         super().__init__(message)
         self.reason = reason
 
