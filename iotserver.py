@@ -274,11 +274,11 @@ def parse_value(text):
     return value
 
 
-def parse_update(path):
-    """Split ``/update/API_key=K/mac=M/field=N/data=V`` into (key bytes, mac, field, value).
+def _path_parts(path, names):
+    """The ``name=value`` segments after ``/update/``, each of ``names`` exactly once: {name: bytes}.
 
-    Names must be literal; each value is percent-decoded exactly once. Raises
-    HTTPError(400) naming the bad part.
+    Names must be literal (any case); each value is percent-decoded exactly once.
+    Raises HTTPError(400) naming the bad part.
     """
     if len(path) > MAX_UPDATE_PATH:
         raise HTTPError(HTTPStatus.REQUEST_URI_TOO_LONG, "path is longer than %d bytes" % MAX_UPDATE_PATH)
@@ -289,23 +289,36 @@ def parse_update(path):
     for segment in segments:
         name, sep, raw = segment.partition("=")
         lname = name.lower()
-        if not sep or lname not in _UPDATE_PARTS:
+        if not sep or lname not in names:
             shown = name[:20].encode("latin-1").decode("ascii", "replace") if name else "(empty)"
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "unknown path segment %r; expected API_key=, mac=, field=, data=" % shown)
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "unknown path segment %r; expected %s" % (
+                shown, ", ".join(("API_key" if n == "api_key" else n) + "=" for n in names)))
         if lname in parts:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "%s is given twice" % lname)
         try:
             parts[lname] = _unquote_strict(raw)
         except ValueError as exc:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "%s %s" % (lname, exc)) from None
-    missing = [p for p in _UPDATE_PARTS if p not in parts]
+    missing = [p for p in names if p not in parts]
     if missing:
         raise HTTPError(HTTPStatus.BAD_REQUEST, "missing %s" % ", ".join(missing))
-    key = parts["api_key"]
     try:
-        mac = parse_mac(parts["mac"].decode("ascii"))
+        parts["mac"] = parse_mac(parts["mac"].decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         raise HTTPError(HTTPStatus.BAD_REQUEST, "mac must be six hex pairs, e.g. 6c:ef:7a:3b:9d:e8") from None
+    return parts
+
+
+def parse_station(path):
+    """Split ``/update/API_key=K/mac=M`` (a station's bulk upload) into (key bytes, mac)."""
+    parts = _path_parts(path, _UPDATE_PARTS[:2])
+    return parts["api_key"], parts["mac"]
+
+
+def parse_update(path):
+    """Split ``/update/API_key=K/mac=M/field=N/data=V`` into (key bytes, mac, field, value)."""
+    parts = _path_parts(path, _UPDATE_PARTS)
+    key, mac = parts["api_key"], parts["mac"]
     field = parts["field"].decode("ascii", "replace")
     if not _FIELD_RE.fullmatch(field):
         raise HTTPError(HTTPStatus.BAD_REQUEST, "field must be a whole number from 1 to 8")
@@ -417,10 +430,13 @@ def _new_write_key():
 class _Pending:
     """An entry waiting for the group commit (see Store.add_entry), and what became of it."""
 
-    __slots__ = ("mac", "values", "ts", "max_stations", "entry", "error")
+    __slots__ = ("mac", "values", "ts", "measured", "max_stations", "entry", "error")
 
     def __init__(self, mac, values, ts, max_stations):
-        self.mac, self.values, self.ts, self.max_stations = mac, values, ts, max_stations
+        self.mac, self.values, self.max_stations = mac, values, max_stations
+        # a time the client gave is the entry's identity: sent again, it is stored once
+        self.measured = ts is not None
+        self.ts = now_ms() if ts is None else ts
         self.entry = None  # the stored entry's id, once committed
         self.error = None  # or why it was not stored
 
@@ -564,15 +580,25 @@ class Store:
     def add_entry(self, mac, values, max_stations=DEFAULT_MAX_STATIONS, ts=None):
         """Store readings [(field, value)] of one moment (a ThingSpeak entry); return the entry id.
 
+        ``ts`` is the measurement time the client gave (None: now). A field already
+        stored for this station at that time is not stored again (a retry after a lost
+        answer); the entry id returned is then the stored one's.
+        """
+        return self.add_entries(mac, [(ts, values)], max_stations)[0]
+
+    def add_entries(self, mac, entries, max_stations=DEFAULT_MAX_STATIONS):
+        """Store entries [(ts or None, [(field, value)])] of one station, all or none; return their ids.
+
         Group commit: entries that arrive while another thread is writing wait for
         the lock, and whoever gets it first writes every waiting entry in one
-        transaction. Each caller still returns only after its own entry committed.
+        transaction. Each caller still returns only after its own entries committed,
+        and one caller's entries always land in the same transaction.
         """
-        item = _Pending(mac, values, now_ms() if ts is None else ts, max_stations)
+        items = [_Pending(mac, values, ts, max_stations) for ts, values in entries]
         with self._pending_lock:
-            self._pending.append(item)
+            self._pending.extend(items)
         with self._lock:
-            if not item.settled:
+            if not items[-1].settled:
                 with self._pending_lock:
                     batch, self._pending = self._pending, []
                 if time.monotonic() < self._failing_until:
@@ -582,9 +608,10 @@ class Store:
                         waiting.error = error
                 else:
                     self._write_batch(batch)
-        if item.error is not None:
-            raise item.error
-        return item.entry
+        for item in items:
+            if item.error is not None:
+                raise item.error
+        return [item.entry for item in items]
 
     def _write_batch(self, batch):
         """Write pending entries in one transaction; set each item's entry id or its exception."""
@@ -607,7 +634,12 @@ class Store:
                             "INSERT INTO stations (mac, name, created_at, write_key) VALUES (?, ?, ?, ?)",
                             (item.mac, item.mac, item.ts, write_key)).lastrowid
                         keys[write_key] = item.mac
-                    entry = None  # the first row's own id; the entry's other rows point to it
+                    entry, stored = None, {}  # entry: the first row's own id; the entry's other rows point to it
+                    if item.measured:
+                        stored = dict(conn.execute("SELECT field, coalesce(entry, id) FROM readings "
+                                                   "WHERE station_id = ? AND ts = ?", (station_id, item.ts)))
+                        entry = next(iter(stored.values()), None)
+                    item.values = [(f, v) for f, v in item.values if f not in stored]  # the rest was sent before
                     for field, value in item.values:
                         row = conn.execute(
                             "INSERT INTO readings (station_id, field, value, ts, entry) VALUES (?, ?, ?, ?, ?)",
@@ -625,7 +657,7 @@ class Store:
         self._write_keys.update(keys)
         self._generation += 1
         for item in batch:
-            if item.entry is not None:
+            if item.entry is not None and item.values:
                 self._remember(self._stations[item.mac], item.values, item.ts)
         settled = now_ms() - 60_000
         if any(item.ts < settled for item in batch):
@@ -1477,7 +1509,7 @@ def render_readings(store, query):
 
 #: The # HELP text of the counters iotserver keeps; any other counter gets a generic one.
 COUNTER_HELP = {
-    "readings_stored": "Readings stored, by the API they came in by.",
+    "readings_stored": "Readings answered as stored (a resent one counts, though kept once), by the API they came by.",
     "readings_refused": "Writes refused (one a request), by reason: invalid, wrong_key, rate_limited, locked...",
     "rate_limited": "Posts refused because their station posts faster than --rate and --burst allow.",
     "wrong_keys": "Requests with a wrong API key, channel write key or metrics token.",
@@ -1539,8 +1571,12 @@ def render_metrics(server, now):
 TS_RESULTS, TS_MAX_RESULTS = 100, 8000
 #: Largest POST body accepted on /update.
 MAX_BODY = 16 * 1024
+#: A bulk write: entries per call and body size at most (ThingSpeak takes 960 entries a call).
+MAX_BULK_ENTRIES = 960
+MAX_BULK_BODY = 128 * 1024
 _TS_FIELD_RE = re.compile(r"field([1-8])", re.ASCII)
-_TS_IGNORED = ("lat", "long", "elevation", "status", "twitter", "tweet", "talkback_key")
+#: Members of a bulk entry that ThingSpeak stores and iotserver accepts and ignores.
+_BULK_IGNORED = ("status", "latitude", "longitude", "elevation")
 
 
 def _ts_value(value):
@@ -1608,6 +1644,102 @@ def parse_ts_write(params):
     if params.get("created_at"):
         when = check_time("created_at", parse_time("created_at", params["created_at"], _ts_zone(params)))
     return sorted(values), when
+
+
+def _bulk_time(text, zone=None):
+    """Epoch ms from a bulk entry's time: epoch seconds, ISO 8601, or '2026-07-01 12:00:00 -0500'."""
+    text = str(text).strip()
+    if re.fullmatch(r"[0-9]{1,12}(?:\.[0-9]{1,3})?", text, re.ASCII):
+        return round(float(text) * 1000)
+    return parse_time("created_at", text, zone)
+
+
+def _bulk_delta(text):
+    """Milliseconds from a delta_t (seconds since the previous entry)."""
+    text = str(text).strip()
+    if not re.fullmatch(r"[0-9]{1,9}(?:\.[0-9]{1,3})?", text, re.ASCII):
+        raise ValueError("delta_t must be a number of seconds such as 60")
+    return round(float(text) * 1000)
+
+
+def parse_bulk(body, content_type, now):
+    """A bulk write's (write key or None, [(ms, [(field, value)])]), all entries checked; HTTPError names the first bad one.
+
+    The JSON form is ``{"write_api_key", "updates": [{"created_at" | "delta_t", "field1".., ...}]}``;
+    the form-encoded (CSV) one is ``write_api_key, time_format=absolute|relative,
+    updates=T,f1,..,f8[,lat,long,elevation,status]|...``. A relative time (delta_t) counts
+    from the entry before; the last entry of a run of relative ones is placed now.
+    """
+    kind = content_type.split(";")[0].strip().lower()
+    try:
+        if kind == "application/json":
+            data = json.loads(body.decode("utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("updates"), list):
+                raise ValueError("send a JSON object with an updates list")
+            key, rows = data.get("write_api_key"), data["updates"]
+        else:
+            form = dict(urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=8,
+                                               errors="strict", strict_parsing=True))
+            if form.get("time_format") not in ("absolute", "relative") or "updates" not in form:
+                raise ValueError("send write_api_key, time_format=absolute or relative, and updates")
+            relative = form["time_format"] == "relative"
+            key, rows = form.get("write_api_key"), []
+            for line in form["updates"].split("|"):
+                cells = line.split(",")
+                row = {"delta_t" if relative else "created_at": cells[0]}
+                row.update(("field%d" % n, cell) for n, cell in enumerate(cells[1:9], start=1) if cell != "")
+                rows.append(row)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        message = str(exc) if str(exc).startswith("send") else "the body is not valid %s" % (
+            "JSON" if kind == "application/json" else "form data")
+        raise HTTPError(HTTPStatus.BAD_REQUEST, message) from None
+    if key is not None and not isinstance(key, str):
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "write_api_key must be text")
+    if not rows:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "updates is empty")
+    if len(rows) > MAX_BULK_ENTRIES:
+        raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "at most %d entries a call" % MAX_BULK_ENTRIES)
+    times, deltas, entries = [], [], []
+    for number, row in enumerate(rows, start=1):
+        try:
+            if not isinstance(row, dict):
+                raise ValueError("must be an object")
+            values = []
+            for name, text in row.items():
+                match = _TS_FIELD_RE.fullmatch(name)
+                if match and text is not None and text != "":
+                    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+                        raise ValueError("%s must be a number" % name)
+                    try:
+                        values.append((int(match.group(1)), parse_value(str(text))))
+                    except ValueError as exc:
+                        raise ValueError("%s: %s" % (name, str(exc).replace("data ", "", 1))) from None
+                elif not match and name not in ("created_at", "delta_t") + _BULK_IGNORED:
+                    raise ValueError("unknown member %r" % name[:20])
+            if not values:
+                raise ValueError("no field1 ... field8 with a value")
+            if ("created_at" in row) == ("delta_t" in row):
+                raise ValueError("give created_at or delta_t")
+            times.append(_bulk_time(row["created_at"]) if "created_at" in row else None)
+            deltas.append(_bulk_delta(row["delta_t"]) if "delta_t" in row else None)
+            entries.append(sorted(values))
+        except (ValueError, HTTPError) as exc:
+            reason = exc.message if isinstance(exc, HTTPError) else str(exc)
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "entry %d: %s" % (number, reason)) from None
+    for i in range(1, len(times)):  # a relative time after a known one counts forward
+        if times[i] is None and times[i - 1] is not None:
+            times[i] = times[i - 1] + deltas[i]
+    if times[-1] is None:
+        times[-1] = now
+    for i in range(len(times) - 2, -1, -1):  # and one before a known one counts back
+        if times[i] is None:
+            times[i] = times[i + 1] - deltas[i + 1]
+    for number, ms in enumerate(times, start=1):
+        try:
+            check_time("created_at", ms, now)
+        except HTTPError as exc:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "entry %d: %s" % (number, exc.message)) from None
+    return key, list(zip(times, entries))
 
 
 def _ts_entries(snap, station_id, field, params, zone, now):
@@ -1881,15 +2013,15 @@ class Handler(BaseHTTPRequestHandler):
             self.log_error("internal error:\n%s", traceback.format_exc())
             return HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
 
-    def read_body(self):
-        """The request body (a ThingSpeak form or JSON), at most MAX_BODY bytes."""
+    def read_body(self, limit=MAX_BODY):
+        """The request body (a form or JSON), at most ``limit`` bytes."""
         if "Transfer-Encoding" in self.headers:
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
         length = self.headers.get("Content-Length", "0").strip()
         if not re.fullmatch(r"[0-9]{1,9}", length, re.ASCII):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number")
-        if int(length) > MAX_BODY:
-            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body is larger than %d bytes" % MAX_BODY)
+        if int(length) > limit:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body is larger than %d bytes" % limit)
         self._phase = "reading"  # a body trickled in byte by byte is cut off like slow headers
         try:
             body = self.rfile.read(int(length))
@@ -2069,6 +2201,45 @@ def on_station_update(req, match):
     return Response(b"stored\n")
 
 
+def _store_bulk(req, mac, entries):
+    """Store a bulk write's entries (one token of the station's rate limit) and answer as ThingSpeak does."""
+    server = req.server
+    wait = server.buckets.take(mac)
+    if wait:
+        server.count("rate_limited", api="bulk")
+        raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "station %s is posting too often" % mac, _retry_after(wait))
+    server.store.add_entries(mac, entries, server.max_stations)
+    server.count("readings_stored", sum(len(values) for _, values in entries), api="bulk")
+    return Response(_json({"success": True}), HTTPStatus.ACCEPTED, "application/json")
+
+
+def on_station_bulk(req, match):
+    """POST /update/API_key=KEY/mac=MAC: a station's buffered entries, with their measurement times."""
+    server = req.server
+    key, mac = parse_station(req.target)
+    body = req.read_body(MAX_BULK_BODY)
+    req.check_key(lambda: hmac.compare_digest(key, server.api_key().encode()), "wrong API key")
+    _, entries = parse_bulk(body, req.headers.get("Content-Type", ""), now_ms())
+    return _store_bulk(req, mac, entries)
+
+
+def on_ts_bulk(req, match):
+    """POST /channels/ID/bulk_update.json or .csv: ThingSpeak's bulk write with the channel's write key."""
+    server = req.server
+    kind = "application/json" if match.group(2) == "json" else "application/x-www-form-urlencoded"
+    key, entries = parse_bulk(req.read_body(MAX_BULK_BODY), kind, now_ms())
+    if not key:
+        raise HTTPError(HTTPStatus.UNAUTHORIZED, "write_api_key missing: the channel's write key (see --channel-key)")
+    channel = int(match.group(1))
+
+    def valid():
+        found = server.store.station_for_write_key(key.encode("utf-8", "replace"))
+        return found if found and found[1] == channel else None
+
+    mac, _ = req.check_key(valid, "wrong write API key for channel %d" % channel)
+    return _store_bulk(req, mac, entries)
+
+
 def on_page(req, match):
     """GET / (and ?fragment=1, what the open page fetches to refresh itself)."""
     server = req.server
@@ -2178,11 +2349,13 @@ ROUTES = (
     Route("/manifest.webmanifest", "GET HEAD", on_manifest),
     *(Route(path, "GET HEAD", on_icon) for path in ICONS),
     Route(re.compile(r"/update/.*", re.S), "GET", on_station_update, writes=True),
+    Route(re.compile(r"/update/[^/]+/[^/]+/?"), "POST", on_station_bulk, writes=True),
     Route("/update", "GET POST", on_ts_update, writes=True),
     Route("/update.json", "GET POST", on_ts_update, writes=True),
     Route(re.compile(r"/channels/([0-9]{1,9})(?:(?P<feeds>/feeds)(?P<feedlast>/last)?|/fields/(?P<field>[1-8])"
                      r"(?P<last>/last|/last_data_age)?)?(?:\.(?P<fmt>json|csv|txt))?", re.ASCII),
           "GET HEAD", on_ts_read, channel_access),
+    Route(re.compile(r"/channels/([0-9]{1,9})/bulk_update\.(json|csv)", re.ASCII), "POST", on_ts_bulk, writes=True),
 )
 
 

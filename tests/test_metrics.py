@@ -117,14 +117,20 @@ def test_rate_limited_and_refusals_by_reason(start):
     assert server.update("21")[0] == 429
     status, _, body = server.request("/update?key=%s&field1=22" % _write_key(server, MAC))
     assert (status, body) == (200, "0")  # ThingSpeak's "not inserted"
+    bulk = json.dumps({"updates": [{"delta_t": 0, "field1": 23.5, "field2": 1000}]})
+    for status in (202, 429):  # a station's buffered readings, then too soon again
+        assert server.request("/update/API_key=%s/mac=%s" % (server.key, MAC2), method="POST", body=bulk,
+                              headers={"Content-Type": "application/json"})[0] == status
     cli(server.db, "--lock")
-    assert server.update("20", mac=MAC2)[0] == 403
+    assert server.update("20", mac="6c:ef:7a:3b:9d:ea")[0] == 403
     m = parse(metrics(server))
     assert m[("iotserver_rate_limited_total", frozenset({("api", "station")}))] == 1
     assert m[("iotserver_rate_limited_total", frozenset({("api", "thingspeak")}))] == 1
-    assert m[("iotserver_readings_refused_total", frozenset({("reason", "rate_limited")}))] == 2
+    assert m[("iotserver_rate_limited_total", frozenset({("api", "bulk")}))] == 1
+    assert m[("iotserver_readings_refused_total", frozenset({("reason", "rate_limited")}))] == 3
     assert m[("iotserver_readings_refused_total", frozenset({("reason", "locked")}))] == 1
     assert m[("iotserver_readings_stored_total", frozenset({("api", "station")}))] == 1
+    assert m[("iotserver_readings_stored_total", frozenset({("api", "bulk")}))] == 2
 
 
 def test_private_metrics_take_the_key_or_a_bearer_token(start, tmp_path):
