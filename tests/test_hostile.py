@@ -425,7 +425,7 @@ def test_head_on_a_private_page_answers_without_rendering_it(start):
 def test_the_empty_page_shows_no_part_of_the_key(start):
     server = start("--api-key", "Zq9xW7vK3mTt")
     status, _, body = server.request("/")
-    assert status == 200 and "No readings yet" in body and "/update/API_key=" in body
+    assert status == 200 and "No readings yet" in body and "/update/API_key=KEY/" in body.replace("<wbr>", "")
     assert not any("Zq9xW7vK3mTt"[i:i + 3] in body for i in range(10))
 
 
@@ -451,7 +451,6 @@ def test_c1_control_bytes_are_escaped_in_the_log(server):
 # -- 12. a retried ThingSpeak write -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="idempotent single writes land with the bulk-write commit on main")
 def test_a_retried_thingspeak_write_is_stored_once_with_the_same_entry_id(server):
     assert server.update("20")[0] == 200
     _, key = _channel(server)
