@@ -15,9 +15,12 @@ import base64
 import contextlib
 import csv
 import datetime
+import email.message
 import email.utils
+import hashlib
 import hmac
 import html
+import http.client
 import io
 import ipaddress
 import json
@@ -26,8 +29,10 @@ import os
 import re
 import secrets
 import signal
+import smtplib
 import socket
 import sqlite3
+import ssl
 import string
 import sys
 import threading
@@ -515,6 +520,11 @@ class Store:
             self._series_cache.clear()
             self._generation += 1
 
+    @property
+    def generation(self):
+        """A number that changes whenever the data does, by this process or another (seen on the next read)."""
+        return self._generation
+
     def setting(self, name, default=None, refresh=True):
         """A stored setting (as text), current as of this call (or of the last refresh)."""
         if refresh:
@@ -933,19 +943,42 @@ OFFLINE_INTERVALS = 4
 OFFLINE_MIN_MS = 3 * 60_000
 #: Assumed interval for a station with too few readings to tell (the firmware posts once a minute).
 DEFAULT_INTERVAL_MS = 60_000
-#: How far back the advice looks for the last clear difference (the hysteresis memory):
-#: two hours, and at most this many readings of each station (40 minutes at one a minute).
+#: What the advice looks at: the last two hours, at most this many readings of each of the
+#: two stations' temperature and humidity (two hours at one a minute).
 ADVICE_MEMORY_MS = 2 * 3_600_000
-ADVICE_MEMORY_READINGS = 40
+ADVICE_MEMORY_READINGS = 120
+#: The comfort band (°C) the advice brings the inside toward (--comfort): 20–24 °C is the
+#: range heating and cooling guides (EN 16798, ASHRAE 55) give for living rooms in clothes
+#: worn indoors.
+COMFORT_C = (20.0, 24.0)
+#: Outside air with a dew point above this (°C) is muggy: the advice will not open for it.
+MAX_DEW_POINT_C = 18.0
+#: Inside is humid from this relative humidity (%) on, until it falls this much below it.
+HUMID_RH, HUMID_RH_HYSTERESIS = 60.0, 5.0
+#: Outside air is clearly drier when it holds at most this share of the water inside air
+#: holds (g/m³), and stays so until it holds more than the second share.
+DRIER_SHARE, DRIER_SHARE_OFF = 0.8, 0.9
+#: The Magnus formula's constants over water (Sonntag 1990), good from -45 to 60 °C.
+MAGNUS_A, MAGNUS_B, MAGNUS_C = 6.112, 17.62, 243.12
+#: The crossover estimate: a straight line through each station's last 90 minutes (at least
+#: 10 readings over 30 minutes). Said only when the lines' difference changes by 5 standard
+#: errors of its slope and by twice the scatter around them over the time fitted, the
+#: crossing's own standard error is at most 4 minutes, and it is no further ahead than
+#: half the time fitted: beyond that a curving evening throws a straight line off.
+CROSSOVER_FIT_MS = 90 * 60_000
+CROSSOVER_MIN_POINTS, CROSSOVER_MIN_SPAN_MS = 10, 30 * 60_000
+CROSSOVER_T, CROSSOVER_CHANGE, CROSSOVER_SE_MS = 5.0, 2.0, 4 * 60_000
 
 
 class View:
-    """How the page shows values: unit, time zone, dead band."""
+    """How the page shows values (unit, time zone) and what the advice aims for (comfort band, limits)."""
 
-    def __init__(self, unit="F", tz=None, dead_band_c=DEAD_BAND_C):
+    def __init__(self, unit="F", tz=None, dead_band_c=DEAD_BAND_C, comfort=COMFORT_C, max_dew_point=MAX_DEW_POINT_C):
         self.unit = unit
         self.tz = tz  # a tzinfo, or None for the server's local zone
         self.dead_band_c = dead_band_c
+        self.comfort = comfort
+        self.max_dew_point = max_dew_point
 
     def temperature(self, celsius):
         return celsius * 9 / 5 + 32 if self.unit == "F" else celsius
@@ -996,52 +1029,264 @@ def is_offline(station, now):
     return now - station["last_seen"] > limit
 
 
-def advise(indoor, outdoor, history, view, now):
-    """The headline: (kind, text), kind being open, close, same or unknown.
+def humid_air(celsius, rh):
+    """(dew point °C, absolute humidity g/m³) by the Magnus formula, or None outside its range."""
+    if not (0 < rh <= 100 and -45 <= celsius <= 60):
+        return None
+    vapour = rh / 100 * MAGNUS_A * math.exp(MAGNUS_B * celsius / (MAGNUS_C + celsius))  # hPa
+    ratio = math.log(vapour / MAGNUS_A)
+    return MAGNUS_C * ratio / (MAGNUS_B - ratio), 216.7 * vapour / (273.15 + celsius)
 
-    Hysteresis: the advice flips only when outside is ``dead_band_c`` cooler or
-    warmer than inside; in between it keeps what the last 24 hours said.
+
+def station_air(station):
+    """A station's dew point and absolute humidity from its latest temperature and humidity, if taken together."""
+    fields = station["fields"]
+    if 1 not in fields or 3 not in fields or abs(fields[1]["ts"] - fields[3]["ts"]) > OFFLINE_MIN_MS:
+        return None
+    return humid_air(fields[1]["value"], fields[3]["value"])
+
+
+#: One moment of the comparison: both stations' latest values at ``ms`` (humidity may be None).
+Sample = collections.namedtuple("Sample", "ms inside outside rh_inside rh_outside")
+
+
+def samples(inside, rh_inside, outside, rh_outside):
+    """Both stations' readings [(ms, value)] merged in time, each value carried forward: [Sample], one per moment."""
+    merged = sorted((ms, which, value) for which, series in enumerate((inside, rh_inside, outside, rh_outside))
+                    for ms, value in series)
+    latest, out = [None] * 4, []
+    for ms, which, value in merged:
+        latest[which] = value
+        if latest[0] is None or latest[2] is None:
+            continue
+        if out and out[-1].ms == ms:
+            out.pop()
+        out.append(Sample(ms, latest[0], latest[2], latest[1], latest[3]))
+    return out
+
+
+class Advice:
+    """What advise() decided: the action (open, close, unknown) and how to say it."""
+
+    __slots__ = ("action", "headline", "reason", "since", "crossover", "outlook", "inside", "outside")
+
+    def __init__(self, action, headline, reason="", since=None, crossover=None, outlook="", inside=None, outside=None):
+        self.action, self.headline, self.reason, self.since = action, headline, reason, since
+        self.crossover, self.outlook = crossover, outlook  # ms outside is expected to cross inside, and the words
+        self.inside, self.outside = inside, outside  # {"temperature", "humidity", "dew_point", "absolute_humidity"}
+
+
+def _judge(memory, s, view):
+    """Fold one sample into the hysteresis memory; return (action, why) for it."""
+    band, (low, high), diff = view.dead_band_c, view.comfort, s.outside - s.inside
+    if diff <= -band:
+        memory["side"] = "cooler"
+    elif diff >= band:
+        memory["side"] = "warmer"
+    zone = memory.get("zone")
+    if s.inside > high or zone == "warm" and s.inside > high - band:
+        zone = "warm"
+    elif s.inside < low or zone == "cool" and s.inside < low + band:
+        zone = "cool"
+    else:
+        zone = "comfortable"
+    memory["zone"] = zone
+    inside = humid_air(s.inside, s.rh_inside) if s.rh_inside is not None else None
+    outside = humid_air(s.outside, s.rh_outside) if s.rh_outside is not None else None
+    limit = view.max_dew_point
+    memory["muggy"] = bool(outside) and (outside[0] > limit or memory.get("muggy") and outside[0] > limit - band)
+    humid = drier = False
+    if inside and outside:
+        humid = s.rh_inside >= HUMID_RH or memory.get("humid") and s.rh_inside > HUMID_RH - HUMID_RH_HYSTERESIS
+        share = outside[1] / inside[1]
+        drier = share <= DRIER_SHARE or memory.get("drier") and share < DRIER_SHARE_OFF
+    memory["humid"], memory["drier"] = bool(humid), bool(drier)
+    side = memory.get("side")
+    helps = zone == "warm" and side == "cooler" or zone == "cool" and side == "warmer"
+    if helps and not memory["muggy"]:
+        return "open", zone
+    if humid and drier:
+        return "open", "air"
+    if helps:
+        return "close", "muggy"
+    if zone == "comfortable":
+        return "close", "comfortable"
+    return "close", "unclear" if side is None else "already"
+
+
+def _words(why, memory, s, view):
+    """The headline and the reason for a verdict of _judge on the latest sample."""
+    diff, band = s.outside - s.inside, view.dead_band_c
+    size = "%.1f\u00a0°%s" % (view.degrees(diff), view.unit)
+    about = "outside is about the same (%s %s)" % (size, "cooler" if diff < 0 else "warmer")
+    comfort = "%s–%s" % tuple(view.show(1, c).split("\u00a0")[0] for c in view.comfort) + "\u00a0°" + view.unit
+    if why in ("warm", "cool"):
+        way = "cooler" if why == "warm" else "warmer"
+        clear = diff <= -band if why == "warm" else diff >= band
+        headline = ("Open the windows — outside is %s %s" % (size, way) if clear
+                    else "Windows can stay open — " + about)
+        low, high = view.comfort
+        if low <= s.inside <= high:  # held by the hysteresis: a little further, or it flips straight back
+            where = "still at the %s of" % ("top" if why == "warm" else "bottom")
+        else:
+            where = "above" if why == "warm" else "below"
+        return headline, "Inside is %s the comfort band (%s): let the %s air in." % (where, comfort, way)
+    if why == "air":
+        inside, outside = humid_air(s.inside, s.rh_inside), humid_air(s.outside, s.rh_outside)
+        return ("Open for a few minutes: outside air is drier",
+                "Inside is humid (%.0f\u00a0%%); a cubic metre of outside air holds %.1f\u00a0g of water, "
+                "inside air %.1f\u00a0g." % (s.rh_inside, outside[1], inside[1]))
+    if why == "muggy":
+        dew = humid_air(s.outside, s.rh_outside)[0]
+        return ("Keep the windows closed — %s outside, but muggy: dew point %s" % (
+                    "cooler" if memory["zone"] == "warm" else "warmer", view.show(1, dew)),
+                "Air with a dew point above %s feels sticky and would bring damp into the house."
+                % view.show(1, view.max_dew_point))
+    if why == "comfortable":
+        return ("Keep the windows closed — inside is comfortable",
+                "Inside %s is within the comfort band (%s)." % (view.show(1, s.inside), comfort))
+    if why == "already":
+        warmer = memory["side"] == "warmer"
+        clear = diff >= band if warmer else diff <= -band
+        return ("Keep the windows closed — " + ("outside is %s %s" % (size, "warmer" if warmer else "colder")
+                                                 if clear else about),
+                "Outside is warmer and the house is already warm." if warmer
+                else "Outside is colder and the house is already cool.")
+    return ("Keep the windows closed — " + about,
+            "Inside is %s the comfort band, but outside is not clearly %s yet." % (
+                ("above", "cooler") if memory["zone"] == "warm" else ("below", "warmer")))
+
+
+def _line(points, now):
+    """A least-squares line through [(ms, °C)] as (value now, slope, residual variance, n, mean x, Sxx), x in minutes."""
+    xs, ys = [(ms - now) / 60_000 for ms, _ in points], [v for _, v in points]
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    residual = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys)) / (n - 2)
+    return my - slope * mx, slope, residual, n, mx, sxx
+
+
+def crossover(inside, outside, now):
+    """When outside is expected to cross inside: (ms, "cooler" or "warmer"), or None when the trend is unclear.
+
+    A least-squares line through each station's readings [(ms, °C)] of the last
+    CROSSOVER_FIT_MS; their difference is trusted only as far as the CROSSOVER_* limits say.
+    """
+    lines = []
+    for series in (inside, outside):
+        points = [(ms, v) for ms, v in series if ms >= now - CROSSOVER_FIT_MS]
+        if len(points) < CROSSOVER_MIN_POINTS or points[-1][0] - points[0][0] < CROSSOVER_MIN_SPAN_MS:
+            return None
+        lines.append(_line(points, now))
+    (level_in, slope_in, var_in, n_in, mx_in, sxx_in), (level_out, slope_out, var_out, n_out, mx_out, sxx_out) = lines
+    level, slope = level_out - level_in, slope_out - slope_in  # the difference now, and per minute
+    span = min(inside[-1][0], outside[-1][0]) - max(now - CROSSOVER_FIT_MS, min(inside[0][0], outside[0][0]))
+    if not slope or abs(slope) < CROSSOVER_T * math.sqrt(var_in / sxx_in + var_out / sxx_out):
+        return None  # no trend beyond the noise
+    if abs(slope) * span / 60_000 < CROSSOVER_CHANGE * math.sqrt(var_in + var_out):
+        return None  # a trend, but small beside the scatter around it
+    ahead = -level / slope  # minutes
+    latest = outside[-1][1] - inside[-1][1]
+    if latest * level <= 0 or not 0 < ahead * 60_000 <= span / 2:
+        return None  # crossed already, going the other way, or too far ahead to trust a line
+    spread = (var_in * (1 / n_in + (ahead - mx_in) ** 2 / sxx_in)
+              + var_out * (1 / n_out + (ahead - mx_out) ** 2 / sxx_out))
+    if math.sqrt(spread) / abs(slope) * 60_000 > CROSSOVER_SE_MS:
+        return None
+    return now + round(ahead * 60_000), "cooler" if slope < 0 else "warmer"
+
+
+def _conditions(station, s, inside):
+    """What the advice used of one station, in °C: for the JSON and the page."""
+    celsius, rh = (s.inside, s.rh_inside) if inside else (s.outside, s.rh_outside)
+    air = humid_air(celsius, rh) if rh is not None else None
+    return {"mac": station["mac"], "name": station["name"], "temperature": celsius, "humidity": rh,
+            "dew_point": round(air[0], 2) if air else None, "absolute_humidity": round(air[1], 2) if air else None}
+
+
+def advise(indoor, outdoor, series, view, now, memory=None):
+    """The window advice: whether to open, why, and when outside will cross inside.
+
+    ``series`` are the last ADVICE_MEMORY_MS of inside temperature, inside humidity,
+    outside temperature and outside humidity, each [(ms, value)], oldest first. ``memory`` (a dict
+    the caller keeps) carries the hysteresis from one call to the next: the state after
+    the last sample both stations have reported past ("upto"), from which the newer
+    samples are replayed on every call. So the advice holds near a threshold however
+    often it is asked, a station's late readings still count, and "since" says when the
+    action last changed.
     """
     for role, station in (("outdoor", outdoor), ("indoor", indoor)):
         if station is None:
-            return "unknown", "Can't compare yet: no station is marked %s" % role
+            return Advice("unknown", "Can't compare yet: no station is marked %s" % role,
+                          "Mark them on the server: python3 iotserver.py --role MAC outdoor and --role MAC indoor")
     for role, station in (("Outside", outdoor), ("Inside", indoor)):
         if 1 not in station["fields"]:
-            return "unknown", "Can't compare yet: %s station %s has sent no temperature" % (
-                role.lower(), station["name"])
+            return Advice("unknown", "Can't compare yet: %s station %s has sent no temperature" % (
+                role.lower(), station["name"]), "The advice needs field 1, the temperature in °C.")
         if is_offline(station, now):
-            return "unknown", "Can't compare: %s station %s is offline (last seen %s)" % (
-                role.lower(), station["name"], ago(now - station["last_seen"]))
-    band = view.dead_band_c
-    diff = outdoor["fields"][1]["value"] - indoor["fields"][1]["value"]
-    state = None
-    for past in history[:-1] + [diff]:
-        if past <= -band:
-            state = "open"
-        elif past >= band:
-            state = "close"
-    size = "%.1f\u00a0°%s" % (view.degrees(diff), view.unit)
-    way = "cooler" if diff < 0 else "warmer"
-    if state == "open":
-        if diff <= -band:
-            return "open", "Open the windows — outside is %s cooler" % size
-        return "open", "Windows can stay open — outside is about the same (%s %s)" % (size, way)
-    if state == "close":
-        if diff >= band:
-            return "close", "Keep the windows closed — outside is %s warmer" % size
-        return "close", "Keep the windows closed — outside is about the same (%s %s)" % (size, way)
-    return "same", "Inside and outside are about the same (%s %s outside)" % (size, way)
+            return Advice("unknown", "Can't compare: %s station %s is offline (last seen %s)" % (
+                role.lower(), station["name"], ago(now - station["last_seen"])), "The advice resumes when it posts again.")
+    history = samples(*series)
+    if not history:
+        return Advice("unknown", "Can't compare: no temperatures from both stations in the last 2 hours",
+                      "The advice resumes when both post a temperature.")
+    memory = {} if memory is None else memory
+    pair = [indoor["id"], outdoor["id"]]
+    if memory.get("pair") != pair or memory.get("upto", 0) < now - ADVICE_MEMORY_MS:
+        memory.clear()  # other stations, or a memory too old to hold on to
+        memory.update(pair=pair, upto=0, state={})
+    settled = min(indoor["fields"][1]["ts"], outdoor["fields"][1]["ts"])  # no reading older than this is to come
+    state = dict(memory["state"])
+    for s in history:
+        if s.ms > memory["upto"]:
+            action, state["why"] = _judge(state, s, view)
+            if action != state.get("action"):
+                state["action"], state["since"] = action, s.ms
+            if s.ms <= settled:
+                memory["state"], memory["upto"] = dict(state), s.ms
+    latest = history[-1]
+    if "why" not in state:  # nothing newer than the memory: readings were deleted since
+        state["action"], state["why"] = _judge(state, latest, view)
+        state["since"] = latest.ms
+    headline, reason = _words(state["why"], state, latest, view)
+    cross = crossover(series[0], series[2], now)
+    outlook = ""
+    if cross:
+        rounded = (cross[0] + 150_000) // 300_000 * 300_000
+        outlook = "Outside should be %s than inside around %s." % (cross[1], view.local(rounded).strftime("%H:%M"))
+    return Advice(state["action"], headline, reason, state["since"], cross and cross[0], outlook,
+                  _conditions(indoor, latest, True), _conditions(outdoor, latest, False))
 
 
-def _differences(inside, outside):
-    """Outside minus inside at every reading of either, oldest first, from [(ms, °C)] lists."""
-    merged = sorted([(ms, 0, v) for ms, v in inside] + [(ms, 1, v) for ms, v in outside])
-    latest, out = [None, None], []
-    for _, which, value in merged:
-        latest[which] = value
-        if None not in latest:
-            out.append(latest[1] - latest[0])
-    return out
+class Advisor:
+    """The advice over time, for the page, /api/advice and the notifications alike.
+
+    Holds advise()'s memory between calls (one lock: calls from the page and the
+    background check are folded in one at a time).
+    """
+
+    def __init__(self, view, memory=None):
+        self.view = view
+        self.memory = dict(memory or {})
+        self.lock = threading.Lock()
+
+    def evaluate(self, snap, by_role, now):
+        """The advice from a read snapshot and the stations by role (filled by Snapshot.latest)."""
+        indoor, outdoor = by_role.get("indoor"), by_role.get("outdoor")
+        series = [[]] * 4
+        if indoor and outdoor:
+            series = [snap.values(s["id"], field, now - ADVICE_MEMORY_MS, ADVICE_MEMORY_READINGS)
+                      for s in (indoor, outdoor) for field in (1, 3)]
+        with self.lock:
+            return advise(indoor, outdoor, series, self.view, now, self.memory)
+
+    def current(self, store, now):
+        """(advice, stations by role) read in a snapshot of their own."""
+        with store.snapshot() as snap:
+            by_role = {s["role"]: snap.latest(s) for s in snap.stations if s["role"]}
+            return self.evaluate(snap, by_role, now), by_role
 
 
 ###############################################################################
@@ -1186,8 +1431,8 @@ $main
 """)
 
 
-def _gather(store, view, now):
-    """What the page shows, read in one snapshot: (stations, by role, chart lines, advice history)."""
+def _gather(store, view, now, advisor):
+    """What the page shows, read in one snapshot: (stations, by role, chart lines, advice)."""
     with store.snapshot() as snap:
         stations = [snap.latest(s, view.day_start(now)) for s in snap.stations]
         by_role = {s["role"]: s for s in stations if s["role"]}
@@ -1197,11 +1442,8 @@ def _gather(store, view, now):
             css = s["role"] or "other%d" % others
             others += not s["role"]
             lines.append((s, css, snap.series(s["id"], 1, now - CHART_MS, CHART_BUCKET_MS, now)))
-        history = []
-        if "indoor" in by_role and "outdoor" in by_role:
-            history = _differences(*(snap.values(by_role[role]["id"], 1, now - ADVICE_MEMORY_MS,
-                                                 ADVICE_MEMORY_READINGS) for role in ("indoor", "outdoor")))
-    return stations, by_role, lines, history
+        advice = advisor.evaluate(snap, by_role, now)
+    return stations, by_role, lines, advice
 
 
 def _empty_state(base_url, api_key):
@@ -1215,17 +1457,17 @@ def _empty_state(base_url, api_key):
             % (html.escape(base_url), html.escape(masked)))
 
 
-def _headline(by_role, history, view, now):
-    """The advice as the page's headline, with the two temperatures or what to do next."""
-    kind, text = advise(by_role.get("indoor"), by_role.get("outdoor"), history, view, now)
-    detail = ""
-    if kind != "unknown":
-        detail = "<p>Outside %s · inside %s</p>" % (
-            view.show(1, by_role["outdoor"]["fields"][1]["value"]), view.show(1, by_role["indoor"]["fields"][1]["value"]))
-    elif "marked" in text:
-        detail = ("<p>Mark them on the server: <code>python3 iotserver.py --role MAC outdoor</code> "
-                  "and <code>--role MAC indoor</code></p>")
-    return '<section class="headline %s" id="headline"><h1>%s</h1>%s</section>' % (kind, html.escape(text), detail)
+def _headline(advice, view):
+    """The advice as the page's headline: what to do, why, the values it used, what comes next."""
+    parts = ["<h1>%s</h1>" % html.escape(advice.headline), "<p>%s</p>" % html.escape(advice.reason)]
+    if advice.inside:
+        parts.append("<p>%s</p>" % " · ".join(
+            "%s %s%s" % (where, view.show(1, c["temperature"]),
+                         ", dew point %s" % view.show(1, c["dew_point"]) if c["dew_point"] is not None else "")
+            for where, c in (("Outside", advice.outside), ("inside", advice.inside))))
+    if advice.outlook:
+        parts.append('<p class="outlook">%s</p>' % html.escape(advice.outlook))
+    return '<section class="headline %s" id="headline">%s</section>' % (advice.action, "".join(parts))
 
 
 def _card(s, view, now):
@@ -1239,12 +1481,15 @@ def _card(s, view, now):
         seen = '<p class="seen"><span class="badge">Offline</span> · last seen %s</p>' % ago(now - s["last_seen"])
     else:
         seen = '<p class="seen">%s</p>' % ago(now - s["last_seen"])
-    rows = []
+    rows, air = [], station_air(s)
     for field, f in sorted(s["fields"].items()):
         label = FIELDS.get(field, ("Field %d" % field,))[0]
         span = ""
         if f["min"] is not None:
             span = '<span class="range">today %s – %s</span>' % (view.show(field, f["min"]), view.show(field, f["max"]))
+        if field == 3 and air:
+            span += ('<span class="range">dew point <b data-field="dew">%s</b></span>'
+                     '<span class="range">water %.1f\u00a0g/m³ of air</span>' % (view.show(1, air[0]), air[1]))
         rows.append('<dt>%s</dt><dd><span class="value" data-field="%d">%s</span>%s</dd>'
                     % (label, field, view.show(field, f["value"]), span))
     mac = '<p class="mac">%s</p>' % esc(s["mac"]) if s["name"] != s["mac"] else ""
@@ -1269,14 +1514,14 @@ def _chart_panel(lines, view, now):
             % (render_chart([(s["name"], css, data) for s, css, data in lines], view, now), legend))
 
 
-def render_page(store, view, now, base_url, api_key, refresh, fragment=False):
+def render_page(store, view, now, base_url, api_key, refresh, advisor, fragment=False):
     """The page at /: headline, a card per station, the 24-hour chart. Returns (html, nonce).
 
     With ``fragment``, only the title and <main>, which the open page swaps in.
     """
-    stations, by_role, lines, history = _gather(store, view, now)
+    stations, by_role, lines, advice = _gather(store, view, now, advisor)
     if any(s["fields"] for s in stations):
-        parts = [_headline(by_role, history, view, now)]
+        parts = [_headline(advice, view)]
     else:
         parts = [_empty_state(base_url, api_key)]
     parts += _cards(stations, view, now)
@@ -1317,6 +1562,18 @@ def render_latest(store, now):
         "fields": {str(n): {"value": f["value"], "time": iso_ms(f["ts"]), "name": FIELDS.get(n, ("field%d" % n,))[0].lower(),
                             "unit": FIELDS.get(n, ("", ""))[1]} for n, f in sorted(s["fields"].items())},
     } for s in stations]})
+
+
+def render_advice(advisor, store, now):
+    """/api/advice: the advice the page shows, with the values (°C) it used."""
+    advice = advisor.current(store, now)[0]
+    view = advisor.view
+    return _json({
+        "generated": iso_ms(now), "action": advice.action, "headline": advice.headline, "reason": advice.reason,
+        "since": iso_utc(advice.since) if advice.since is not None else None,
+        "crossover": iso_utc(advice.crossover) if advice.crossover else None, "outlook": advice.outlook or None,
+        "inside": advice.inside, "outside": advice.outside,
+        "comfort": list(view.comfort), "dead_band": view.dead_band_c, "max_dew_point": view.max_dew_point})
 
 
 def parse_readings_query(query, now):
@@ -1644,6 +1901,327 @@ def render_ts_read(store, channel_id, what, field, fmt, params):
                             [_ts_value(values[f]) if f in values else "" for f in fields])
         return buffer.getvalue().encode("utf-8"), "text/csv; charset=utf-8"
     return _json({"channel": channel, "feeds": [feed(*e) for e in entries]}), "application/json"
+
+
+###############################################################################
+# Notifications ###############################################################
+###############################################################################
+# Tells people when to open the windows without their opening the page. A check thread
+# evaluates the advice every few seconds; one sender thread per --notify URL (Apprise's
+# URL forms: ntfy, Gotify, e-mail, a JSON webhook) delivers what that target has not
+# been told yet, so a slow or dead target never holds up a station or another target.
+
+#: Environment variable with more --notify URLs, space-separated (systemd EnvironmentFile=).
+NOTIFY_ENV = "IOTSERVER_NOTIFY"
+#: Minutes a changed advice must hold before it is pushed (--notify-hold).
+NOTIFY_HOLD_MIN = 5.0
+#: Seconds a target may take to connect, and then to answer.
+NOTIFY_TIMEOUT = 10.0
+#: Seconds before a failed target is tried again, growing up to the last.
+NOTIFY_RETRY_S = (10, 30, 60, 300, 600)
+#: Seconds between checks while no reading arrives (after a reading: within a second).
+CHECK_INTERVAL_S = 30.0
+#: Seconds between notes in the settings that the server is up, so that after a restart a
+#: station's silence while the server itself was down is not taken for an outage.
+ALIVE_INTERVAL_S = 60.0
+_NOTIFY_KINDS = ("ntfy", "gotify", "mailto", "json")
+#: ntfy's priorities (1 min … 5 max) as Gotify's (0 … 10; from 8 Android pops it up).
+_GOTIFY_PRIORITY = {1: 1, 2: 3, 3: 5, 4: 8, 5: 10}
+
+#: What a target is told: an event's new state (what is compared with what it was told
+#: before), a title, one line saying what to do and why, ntfy's priority (1-5) and tags.
+Message = collections.namedtuple("Message", "kind state title text priority tags")
+
+
+class Target:
+    """One --notify URL, parsed: where and how to deliver, and a label that holds none of its secrets."""
+
+    __slots__ = ("kind", "secure", "host", "port", "path", "user", "password", "params", "label", "secrets", "key")
+
+
+def parse_target(text):
+    """A Target from an Apprise-style URL; ValueError saying what is wrong without repeating the URL."""
+    try:
+        parts = urllib.parse.urlsplit(text.strip())
+        port = parts.port
+        params = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)))
+    except ValueError:
+        raise ValueError("is not a URL such as ntfys://ntfy.sh/my-topic") from None
+    scheme = parts.scheme.lower()
+    kind = scheme[:-1] if scheme[:-1] in _NOTIFY_KINDS else scheme
+    if kind not in _NOTIFY_KINDS:
+        raise ValueError("has an unknown scheme %r: use ntfy(s)://, gotify(s)://, mailto(s):// or json(s)://"
+                         % scheme[:12])
+    t = Target()
+    t.kind, t.secure, t.port, t.params = kind, scheme != kind, port, params
+    t.host = parts.hostname or ""
+    t.user = urllib.parse.unquote(parts.username or "")
+    t.password = urllib.parse.unquote(parts.password or "")
+    segments = [urllib.parse.unquote(s) for s in parts.path.split("/") if s]
+    allowed = {"ntfy": ("token",), "gotify": (), "mailto": ("to", "from", "mode"), "json": ()}[kind]
+    unknown = [name for name in params if name not in allowed and not (kind == "json" and name.startswith("+"))]
+    if unknown:
+        raise ValueError("has an unknown parameter %r (%s takes %s)" % (
+            unknown[0][:20], kind, ", ".join(allowed) or ("+Header=value" if kind == "json" else "none")))
+    if kind == "ntfy" and not segments:  # ntfy://topic: the public server, always over HTTPS
+        segments, t.host, t.secure = [t.host], "ntfy.sh", True
+    if not t.host:
+        raise ValueError("names no host")
+    if kind == "ntfy":
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", segments[-1], re.ASCII):
+            raise ValueError("needs a topic of 1-64 letters, digits, - or _")
+        t.path = "/" + "/".join(urllib.parse.quote(s) for s in segments)
+    elif kind == "gotify":
+        if not segments:
+            raise ValueError("needs the application token: gotify://host/TOKEN")
+        t.path = "/" + "".join(urllib.parse.quote(s) + "/" for s in segments[:-1]) + "message"
+        params["token"] = segments[-1]
+    elif kind == "json":
+        t.path = parts.path or "/"
+    else:
+        mode = params.get("mode", "ssl" if t.secure and port == 465 else "starttls" if t.secure else "plain")
+        if mode not in ("ssl", "starttls", "plain") or mode != "plain" and not t.secure:
+            raise ValueError("has mode %r: mailtos:// takes mode=ssl or mode=starttls, mailto:// is plain" % mode[:10])
+        params["mode"] = mode
+        t.port = port or {"ssl": 465, "starttls": 587, "plain": 25}[mode]
+        params.setdefault("from", t.user if "@" in t.user else "iotserver@" + t.host)
+        params["to"] = [a.strip() for a in params.get("to", params["from"] if "@" in t.user else "").split(",")
+                        if a.strip()]
+        if not params["to"] or not all("@" in a for a in params["to"] + [params["from"]]):
+            raise ValueError("needs ?to=you@example.org (or a user name that is an address)")
+    shown = "[%s]" % t.host if ":" in t.host else t.host
+    t.label = "%s://%s%s%s" % (scheme, shown, ":%d" % port if port else "", "" if kind == "mailto" else "/…")
+    t.secrets = [s for s in [t.user, t.password, params.get("token", "")] + segments
+                 + [v for k, v in params.items() if k.startswith("+")] if len(s) >= 3]
+    t.key = hashlib.sha256(text.strip().encode()).hexdigest()[:12]  # names what it was told, in the settings
+    return t
+
+
+def describe_failure(target, exc):
+    """Why a delivery failed, in one line without the target's secrets."""
+    text = "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+    for secret in sorted(target.secrets, key=len, reverse=True):
+        text = text.replace(secret, "…")
+    return text[:200]
+
+
+def _basic(user, password):
+    return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+
+
+def _http_post(target, path, body, headers):
+    """POST over HTTP(S) (certificates checked); IotError unless the answer is 2xx."""
+    if target.secure:
+        conn = http.client.HTTPSConnection(target.host, target.port, timeout=NOTIFY_TIMEOUT,
+                                           context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(target.host, target.port, timeout=NOTIFY_TIMEOUT)
+    try:
+        conn.request("POST", path, body, dict(headers, **{"User-Agent": "iotserver/" + __version__}))
+        response = conn.getresponse()
+        response.read(65536)
+    finally:
+        conn.close()
+    if not 200 <= response.status < 300:
+        raise IotError("answered %d %s" % (response.status, response.reason))
+
+
+def _to_ntfy(target, message, link):
+    """ntfy's publish API: the text as body, the rest in headers."""
+    title = message.title
+    if not title.isascii():  # HTTP headers are Latin-1; ntfy decodes RFC 2047 encoded words
+        title = "=?UTF-8?B?%s?=" % base64.b64encode(title.encode()).decode()
+    headers = {"Title": title, "Priority": str(message.priority), "Tags": ",".join(message.tags),
+               "Content-Type": "text/plain; charset=utf-8"}
+    if link:
+        headers["Click"] = link
+    if target.params.get("token"):
+        headers["Authorization"] = "Bearer " + target.params["token"]
+    elif target.user:
+        headers["Authorization"] = _basic(target.user, target.password)
+    _http_post(target, target.path, message.text.encode(), headers)
+
+
+def _to_gotify(target, message, link):
+    """Gotify's POST /message with the application token in X-Gotify-Key."""
+    body = {"title": message.title, "message": message.text, "priority": _GOTIFY_PRIORITY[message.priority]}
+    if link:
+        body["extras"] = {"client::notification": {"click": {"url": link}}}
+    _http_post(target, target.path, _json(body), {"X-Gotify-Key": target.params["token"],
+                                                  "Content-Type": "application/json"})
+
+
+def _to_json(target, message, link):
+    """Apprise's JSON webhook: version, title, message, type, attachments."""
+    body = {"version": "1.0", "title": message.title, "message": message.text + ("\n" + link if link else ""),
+            "type": {"offline": "warning", "online": "success"}.get(message.kind, "info"), "attachments": []}
+    headers = {"Content-Type": "application/json"}
+    headers.update((name[1:], value) for name, value in target.params.items() if name.startswith("+"))
+    if target.user:
+        headers["Authorization"] = _basic(target.user, target.password)
+    _http_post(target, target.path, _json(body), headers)
+
+
+def _to_mail(target, message, link):
+    """An e-mail over SMTP: implicit TLS, STARTTLS or plain, as the URL says (certificates checked)."""
+    mail = email.message.EmailMessage()
+    mail["Subject"], mail["From"], mail["To"] = message.title, target.params["from"], ", ".join(target.params["to"])
+    mail["Date"] = email.utils.formatdate(localtime=True)
+    mail["Message-ID"] = email.utils.make_msgid("iotserver", domain=target.params["from"].rpartition("@")[2])
+    mail.set_content(message.text + ("\n\n" + link if link else "") + "\n")
+    context, mode = ssl.create_default_context(), target.params["mode"]
+    if mode == "ssl":
+        smtp = smtplib.SMTP_SSL(target.host, target.port, timeout=NOTIFY_TIMEOUT, context=context)
+    else:
+        smtp = smtplib.SMTP(target.host, target.port, timeout=NOTIFY_TIMEOUT)
+    with smtp:
+        if mode == "starttls":
+            smtp.starttls(context=context)
+        if target.user:
+            smtp.login(target.user, target.password)
+        smtp.send_message(mail)
+
+
+def deliver(target, message, link=None):
+    """Send one message to one target now; raises on failure (see describe_failure)."""
+    {"ntfy": _to_ntfy, "gotify": _to_gotify, "mailto": _to_mail, "json": _to_json}[target.kind](target, message, link)
+
+
+def _in_quiet(quiet, local):
+    """True when a local time falls in quiet hours (start, end) given in minutes after midnight."""
+    minute, (start, end) = local.hour * 60 + local.minute, quiet
+    return start <= minute < end if start < end else minute >= start or minute < end
+
+
+class Notifier:
+    """Checks the advice and the compared stations in the background and tells every target of a change.
+
+    ``want`` holds, per event (the advice; each compared station), the message a target
+    should have had last. Each target's sender delivers what differs from what that
+    target was told, which is kept in the settings: a restart neither repeats a message
+    nor forgets a change. Only the newest state is sent, so nothing queues up while a
+    target is down: it is retried with growing waits and gets what is true by then.
+    """
+
+    def __init__(self, server, targets, hold_ms=NOTIFY_HOLD_MIN * 60_000, quiet=None):
+        self.server, self.targets, self.hold_ms, self.quiet = server, list(targets), hold_ms, quiet
+        self.started = now_ms()
+        alive = server.store.setting("alive", "")
+        self.down = (int(alive), self.started) if alive.isdigit() else None  # this server's own last downtime
+        self.want = {}
+        self._saved = _memory_key(server.advisor.memory)
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._failing = False
+        self._threads = [threading.Thread(target=self._check_loop, name="advice", daemon=True)]
+        self._threads += [threading.Thread(target=self._send_loop, args=(t,), name="notify", daemon=True)
+                          for t in self.targets]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self):
+        """Stop checking and sending (a delivery under way is cut off and tried again after a restart)."""
+        self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
+        self._threads[0].join(5)
+
+    def _check_loop(self):
+        seen, due, alive_due = None, 0.0, 0.0
+        while not self._stop.wait(1.0):
+            generation, now = self.server.store.generation, time.monotonic()
+            if generation == seen and now < due:
+                continue
+            seen, due = generation, now + CHECK_INTERVAL_S
+            try:
+                self.check(now_ms())
+                if self.targets and now >= alive_due:
+                    self.server.store.set_setting("alive", now_ms())
+                    alive_due = now + ALIVE_INTERVAL_S
+                self._failing = False
+            except Exception as exc:  # a locked or full database, or a bug: log once, keep checking
+                if not self._failing:
+                    log("iotserver: checking the advice failed: %s: %s" % (type(exc).__name__, exc))
+                self._failing = True
+
+    def check(self, now):
+        """Evaluate the advice and the stations once, keep the advice's memory, and wake the senders on a change."""
+        server = self.server
+        advice, by_role = server.advisor.current(server.store, now)
+        with server.advisor.lock:
+            memory = dict(server.advisor.memory)
+        if _memory_key(memory) != self._saved:  # only when more than the last sample's time changed
+            server.store.set_setting("advice", json.dumps(memory))
+            self._saved = _memory_key(memory)
+        if not self.targets or self.quiet and _in_quiet(self.quiet, server.view.local(now)):
+            return
+        want = {}
+        if advice.action != "unknown" and now - advice.since >= self.hold_ms:
+            want["advice"] = Message("advice", advice.action, re.split(" — |: ", advice.headline)[0],
+                                     "%s. %s" % (advice.headline, advice.reason), 4 if advice.action == "open" else 3,
+                                     ["window"] if advice.action == "open" else ["house"])
+        for role, station in sorted(by_role.items()):
+            if station["last_seen"] is not None:
+                want["station " + station["mac"]] = self._station_message(role, station, now)
+        with self._changed:
+            if {k: m.state for k, m in want.items()} != {k: m.state for k, m in self.want.items()}:
+                self._changed.notify_all()
+            self.want = want
+
+    def _station_message(self, role, station, now):
+        """A compared station's state (offline or online) as a message."""
+        last = self.server.view.local(station["last_seen"]).strftime("%H:%M")
+        where = "Outside" if role == "outdoor" else "Inside"
+        if self.down:  # the part of its silence during which this server was down does not count
+            stopped, started = self.down
+            station = dict(station, last_seen=station["last_seen"] + max(0, started - max(station["last_seen"], stopped)))
+        if is_offline(station, now):
+            return Message("offline", "offline", "%s is offline" % station["name"],
+                           "%s station %s has sent nothing since %s: the window advice waits until it is back. "
+                           "Check its power and Wi-Fi." % (where, station["name"], last), 3, ["warning"])
+        return Message("online", "online", "%s is back" % station["name"],
+                       "%s station %s is posting again (last reading %s)." % (where, station["name"], last),
+                       2, ["white_check_mark"])
+
+    def _send_loop(self, target):
+        """Tell one target whatever it has not been told; wait longer after each failure."""
+        store, name, failures = self.server.store, "notified " + target.key, 0
+        try:
+            told = json.loads(store.setting(name, "{}"))
+        except ValueError:
+            told = {}
+        while not self._stop.is_set():
+            with self._changed:
+                # a station's first state is taken as online: only a change to offline is news
+                pending = [(k, m) for k, m in sorted(self.want.items())
+                           if told.get(k, "online" if k.startswith("station ") else None) != m.state]
+                if not pending:
+                    self._changed.wait()
+                    continue
+            for key, message in pending:
+                try:
+                    deliver(target, message, self.server.public_url)
+                except Exception as exc:  # whatever the target or the network did: count, log, wait, retry
+                    failures += 1
+                    wait = NOTIFY_RETRY_S[min(failures, len(NOTIFY_RETRY_S)) - 1]
+                    self.server.count("notifications", result="failed", kind=message.kind)
+                    log("iotserver: notifying %s failed (%s); next try in %d s"
+                        % (target.label, describe_failure(target, exc), wait))
+                    self._stop.wait(wait)
+                    break
+                failures = 0
+                told[key] = message.state
+                self.server.count("notifications", result="sent", kind=message.kind)
+                log("iotserver: notified %s: %s" % (target.label, message.title))
+                try:
+                    store.set_setting(name, json.dumps(told))
+                except (sqlite3.Error, StoreError) as exc:
+                    log("iotserver: cannot record what %s was told (%s); a restart may repeat it" % (target.label, exc))
+
+
+def _memory_key(memory):
+    """The advice's memory without the time of its last sample (that alone changes with every reading)."""
+    return {k: v for k, v in memory.items() if k != "upto"}
 
 
 ###############################################################################
@@ -2038,7 +2616,7 @@ def on_page(req, match):
     scheme = "https" if req.headers.get("X-Forwarded-Proto") == "https" and req.from_proxy() else "http"
     fragment = ("fragment", "1") in urllib.parse.parse_qsl(req.query, max_num_fields=20, errors="replace")
     body, nonce = render_page(server.store, server.view, now_ms(), "%s://%s/" % (scheme, host),
-                              server.api_key(), server.refresh, fragment)
+                              server.api_key(), server.refresh, server.advisor, fragment)
     return Response(body, content_type="text/html; charset=utf-8", headers=[
         ("Content-Security-Policy", "default-src 'none'; style-src 'nonce-%s'; script-src 'nonce-%s'; "
          "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
@@ -2050,6 +2628,12 @@ def on_page(req, match):
 def on_latest(req, match):
     """GET /api/latest"""
     return Response(render_latest(req.server.store, now_ms()), content_type="application/json",
+                    headers=_API_HEADERS)
+
+
+def on_advice(req, match):
+    """GET /api/advice"""
+    return Response(render_advice(req.server.advisor, req.server.store, now_ms()), content_type="application/json",
                     headers=_API_HEADERS)
 
 
@@ -2106,6 +2690,7 @@ def on_ts_read(req, match):
 ROUTES = (
     Route("/", "GET HEAD", on_page, read_access),
     Route("/api/latest", "GET HEAD", on_latest, read_access),
+    Route("/api/advice", "GET HEAD", on_advice, read_access),
     Route("/api/readings", "GET HEAD", on_readings, read_access),
     Route("/api/readings.json", "GET HEAD", on_readings, read_access),
     Route("/api/readings.csv", "GET HEAD", on_readings, read_access),
@@ -2136,7 +2721,8 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address, store, api_key=None, rate=DEFAULT_RATE, burst=DEFAULT_BURST,
                  client_timeout=DEFAULT_TIMEOUT, quiet=False, max_stations=DEFAULT_MAX_STATIONS,
                  view=None, refresh=DEFAULT_REFRESH, private=False, trusted_proxies=("127.0.0.1", "::1"),
-                 max_connections=MAX_CONNECTIONS, public_url=None):
+                 max_connections=MAX_CONNECTIONS, public_url=None, notify=(), notify_hold=NOTIFY_HOLD_MIN,
+                 quiet_hours=None):
         self.store = store
         self.fixed_key = api_key
         self.buckets = TokenBuckets(rate / 60.0, burst)
@@ -2159,9 +2745,15 @@ class Server(ThreadingHTTPServer):
         self._counters_lock = threading.Lock()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        try:
+            memory = json.loads(store.setting("advice", "{}"))
+        except ValueError:
+            memory = {}
+        self.advisor = Advisor(self.view, memory if isinstance(memory, dict) else {})
         super().__init__(address, Handler)
         self._reaper_stop = threading.Event()
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()
+        self.notifier = Notifier(self, notify, notify_hold * 60_000, quiet_hours)
 
     def count(self, name, amount=1, **labels):
         """Add to a counter (shown by /metrics), e.g. count("readings_refused", reason="rate")."""
@@ -2233,6 +2825,7 @@ class Server(ThreadingHTTPServer):
             else:
                 self._drop(handler)
         self._reaper_stop.set()
+        self.notifier.stop()
         self.server_close()
 
     def url(self):
@@ -2318,6 +2911,38 @@ def _url_arg(text):
     return text.rstrip("/") + "/"
 
 
+def _not_negative(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text) from None
+    if not 0 <= value < 1e6:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _comfort_arg(text):
+    match = re.fullmatch(r"\s*([0-9]{1,2}(?:\.[0-9]+)?)\s*[-–]\s*([0-9]{1,2}(?:\.[0-9]+)?)\s*", text, re.ASCII)
+    if not match or not float(match.group(1)) < float(match.group(2)):
+        raise argparse.ArgumentTypeError("must be LOW-HIGH in °C with LOW below HIGH, e.g. 20-24")
+    return float(match.group(1)), float(match.group(2))
+
+
+def _quiet_arg(text):
+    match = re.fullmatch(r"([01]?[0-9]|2[0-3]):([0-5][0-9])-([01]?[0-9]|2[0-3]):([0-5][0-9])", text.strip(), re.ASCII)
+    if not match or match.group(1, 2) == match.group(3, 4):
+        raise argparse.ArgumentTypeError("must be HH:MM-HH:MM, e.g. 22:00-07:00")
+    hours = [int(g) for g in match.groups()]
+    return hours[0] * 60 + hours[1], hours[2] * 60 + hours[3]
+
+
+def _notify_arg(text):
+    try:
+        return parse_target(text)
+    except ValueError as exc:  # the message never repeats the URL: it may hold a password or token
+        raise argparse.ArgumentTypeError("the URL %s" % exc) from None
+
+
 def _zone_arg(text):
     try:
         return zoneinfo.ZoneInfo(text)
@@ -2390,10 +3015,25 @@ def build_parser():
     shown.add_argument("--dead-band", type=_positive(float), default=DEAD_BAND_C, metavar="CELSIUS",
                        help="how much cooler or warmer (in °C) outside must be before the advice flips "
                             "(default: %(default)g)")
+    shown.add_argument("--comfort", type=_comfort_arg, default=COMFORT_C, metavar="LOW-HIGH",
+                       help="comfort band in °C the advice brings the inside toward (default: %g-%g)" % COMFORT_C)
+    shown.add_argument("--max-dew-point", type=_positive(float), default=MAX_DEW_POINT_C, metavar="CELSIUS",
+                       help="outside air with a higher dew point is muggy: the advice will not open for it "
+                            "(default: %(default)g)")
     shown.add_argument("--refresh", type=_positive(int), default=DEFAULT_REFRESH, metavar="SECONDS",
                        help="how often the open page updates itself (default: %(default)s)")
     shown.add_argument("--private", action="store_true",
                        help="the page and read API need the API key (as HTTP password, or ?key=)")
+
+    told = parser.add_argument_group("notifications")
+    told.add_argument("--notify", action="append", type=_notify_arg, default=[], metavar="URL",
+                      help="tell this target when the advice changes or a station goes offline: ntfy(s)://host/topic, "
+                           "gotify(s)://host/token, mailto(s)://user:pass@smtp.host:587?to=you@example.org or "
+                           "json(s)://host/path; repeatable; more in $%s, space-separated" % NOTIFY_ENV)
+    told.add_argument("--notify-hold", type=_not_negative, default=NOTIFY_HOLD_MIN, metavar="MINUTES",
+                      help="push a new advice only once it has held this long; 0 at once (default: %(default)g)")
+    told.add_argument("--notify-quiet", type=_quiet_arg, metavar="HH:MM-HH:MM",
+                      help="quiet hours (--tz): nothing is pushed then; what is still true after them is")
 
     admin = parser.add_argument_group("admin actions (run, print, exit)")
     actions = admin.add_mutually_exclusive_group()
@@ -2415,6 +3055,8 @@ def build_parser():
                          help="create a station for a ThingSpeak client that has no MAC; print its id and key")
     actions.add_argument("--backup", metavar="PATH",
                          help="write a consistent copy of the live database to PATH and exit")
+    actions.add_argument("--notify-test", action="store_true",
+                         help="send a test message to every --notify URL, print the result of each, and exit")
     actions.add_argument("--prune-days", type=_positive(float), metavar="DAYS",
                          help="delete readings older than DAYS days (for cron) and exit")
     return parser
@@ -2506,6 +3148,23 @@ def _cmd_prune_days(args, store, out):
     print("pruned %d readings older than %g days" % (count, args.prune_days), file=out)
 
 
+def _cmd_notify_test(args, store, out):
+    if not args.notify:
+        print("no notification URL: give --notify URL or set $%s" % NOTIFY_ENV, file=out)
+        return 2
+    message = Message("test", "test", "iotserver test", "A test from iotserver: the window advice will reach "
+                      "you like this.", 3, ["white_check_mark"])
+    failed = 0
+    for target in args.notify:
+        try:
+            deliver(target, message, args.public_url)
+            print("%s: sent" % target.label, file=out)
+        except Exception as exc:  # whatever the target or the network did, reported per target
+            failed += 1
+            print("%s: failed (%s)" % (target.label, describe_failure(target, exc)), file=out)
+    return 1 if failed else 0
+
+
 #: Every admin action: the flag's dest -> the function that runs it. Flags not named
 #: here serve (or configure serving).
 COMMANDS = {
@@ -2513,6 +3172,7 @@ COMMANDS = {
     "show_key": _cmd_show_key, "rotate_key": _cmd_rotate_key, "lock": _cmd_lock, "unlock": _cmd_unlock,
     "channel_key": _cmd_channel_key, "rotate_channel_key": _cmd_rotate_channel_key,
     "add_channel": _cmd_add_channel, "backup": _cmd_backup, "prune_days": _cmd_prune_days,
+    "notify_test": _cmd_notify_test,
 }
 
 
@@ -2520,6 +3180,12 @@ def main(argv=None):
     """Parse the command line; run an admin action or serve."""
     args = build_parser().parse_args(argv)
     command = next((COMMANDS[name] for name in COMMANDS if getattr(args, name) not in (None, False)), None)
+    if command in (None, _cmd_notify_test):
+        try:  # the environment's URLs first; like the flags, never repeated in a message
+            args.notify = [parse_target(url) for url in os.environ.get(NOTIFY_ENV, "").split()] + args.notify
+        except ValueError as exc:
+            log("iotserver: a URL in $%s %s" % (NOTIFY_ENV, exc))
+            return 2
     try:
         store = Store(args.db, create=command is None)
     except StoreError as exc:
@@ -2537,9 +3203,10 @@ def main(argv=None):
         key, created = store.ensure_key()
         server = Server((args.host, args.port), store, api_key=args.api_key, rate=args.rate,
                         burst=args.burst, client_timeout=args.timeout, quiet=args.quiet,
-                        max_stations=args.max_stations, view=View(args.unit, args.tz, args.dead_band),
+                        max_stations=args.max_stations, view=View(args.unit, args.tz, args.dead_band, args.comfort, args.max_dew_point),
                         refresh=args.refresh, private=args.private, trusted_proxies=_proxies(args.trusted_proxy),
-                        max_connections=args.max_connections, public_url=args.public_url)
+                        max_connections=args.max_connections, public_url=args.public_url, notify=args.notify,
+                        notify_hold=args.notify_hold, quiet_hours=args.notify_quiet)
     except (OSError, sqlite3.Error) as exc:
         log("iotserver: cannot start: %s" % exc)
         store.close()
@@ -2547,6 +3214,10 @@ def main(argv=None):
 
     def announce():
         log("iotserver %s listening on %s (database %s)" % (__version__, server.url(), store.path))
+        if args.notify:
+            log("iotserver: notifying %s when the advice changes (after holding %g min) or a station goes offline%s"
+                % (", ".join(t.label for t in args.notify), args.notify_hold,
+                   "" if args.public_url else "; without --public-url the messages carry no link"))
         if created and not args.api_key:
             if sys.stdout.isatty():
                 # shown once, on a terminal only: a journal or log file must never hold the key

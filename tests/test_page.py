@@ -21,6 +21,13 @@ def headline(server, path="/"):
     return match.group(1), html.unescape(match.group(2)).replace("\u00a0", " ")
 
 
+def reason(server):
+    """The line under the headline that says why."""
+    body = server.request("/")[2]
+    match = re.search(r'<section class="headline \w+"[^>]*><h1>.*?</h1><p>(.*?)</p>', body)
+    return html.unescape(match.group(1)).replace("\u00a0", " ")
+
+
 def _roles(server, out_c=None, in_c=None):
     if out_c is not None:
         assert server.update(str(out_c), mac=OUT)[0] == 200
@@ -54,15 +61,17 @@ def test_keep_them_closed(server):
 def test_celsius_and_the_title_shows_outside(start):
     server = start("--unit", "c", *FAST)
     _roles(server, out_c=18.25, in_c=21.0)
-    assert headline(server) == ("open", "Open the windows — outside is 2.8 °C cooler")
+    # 21 °C is inside the default comfort band (20-24 °C): cooler air outside is no reason to open
+    assert headline(server) == ("close", "Keep the windows closed — inside is comfortable")
+    assert reason(server) == "Inside 21.0 °C is within the comfort band (20.0–24.0 °C)."
     body = server.request("/")[2]
     assert "<title>18.2\u00a0°C outside · iotserver</title>" in body or "<title>18.3\u00a0°C outside" in body
 
 
 def test_dead_band_keeps_the_advice_from_flipping(server):
     _roles(server, out_c=25.2, in_c=25.0)
-    kind, text = headline(server)
-    assert kind == "same" and text.startswith("Inside and outside are about the same")
+    # inside is above the comfort band, but outside is not clearly cooler: no reason to open yet
+    assert headline(server) == ("close", "Keep the windows closed — outside is about the same (0.4 °F warmer)")
     server.update("20.0", mac=OUT)  # clearly cooler: open
     assert headline(server)[0] == "open"
     server.update("25.3", mac=OUT)  # a fraction warmer than inside: still open
@@ -78,7 +87,7 @@ def test_dead_band_keeps_the_advice_from_flipping(server):
 def test_dead_band_flag(start):
     server = start("--dead-band", "3", "--unit", "C", *FAST)
     _roles(server, out_c=23.0, in_c=25.0)
-    assert headline(server)[0] == "same"
+    assert headline(server) == ("close", "Keep the windows closed — outside is about the same (2.0 °C cooler)")
     server.update("21.5", mac=OUT)
     assert headline(server) == ("open", "Open the windows — outside is 3.5 °C cooler")
 
