@@ -1944,7 +1944,9 @@ def parse_target(text):
     try:
         parts = urllib.parse.urlsplit(text.strip())
         port = parts.port
-        params = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)))
+        # a + is itself here (+Header=value, me+iot@example.org), not a space as in a form
+        params = {urllib.parse.unquote(name): urllib.parse.unquote(value)
+                  for name, _, value in (pair.partition("=") for pair in parts.query.split("&") if pair)}
     except ValueError:
         raise ValueError("is not a URL such as ntfys://ntfy.sh/my-topic") from None
     scheme = parts.scheme.lower()
@@ -2132,9 +2134,9 @@ class Notifier:
             generation, now = self.server.store.generation, time.monotonic()
             if generation == seen and now < due:
                 continue
-            seen, due = generation, now + CHECK_INTERVAL_S
+            seen = generation
             try:
-                self.check(now_ms())
+                due = now + min(CHECK_INTERVAL_S, self.check(now_ms()))
                 if self.targets and now >= alive_due:
                     self.server.store.set_setting("alive", now_ms())
                     alive_due = now + ALIVE_INTERVAL_S
@@ -2145,7 +2147,10 @@ class Notifier:
                 self._failing = True
 
     def check(self, now):
-        """Evaluate the advice and the stations once, keep the advice's memory, and wake the senders on a change."""
+        """Evaluate the advice and the stations once, keep its memory, wake the senders on a change.
+
+        Returns the seconds until a new advice will have held long enough (else CHECK_INTERVAL_S).
+        """
         server = self.server
         advice, by_role = server.advisor.current(server.store, now)
         with server.advisor.lock:
@@ -2154,9 +2159,9 @@ class Notifier:
             server.store.set_setting("advice", json.dumps(memory))
             self._saved = _memory_key(memory)
         if not self.targets or self.quiet and _in_quiet(self.quiet, server.view.local(now)):
-            return
-        want = {}
-        if advice.action != "unknown" and now - advice.since >= self.hold_ms:
+            return CHECK_INTERVAL_S
+        want, held = {}, advice.action != "unknown" and now - advice.since >= self.hold_ms
+        if held:
             want["advice"] = Message("advice", advice.action, re.split(" — |: ", advice.headline)[0],
                                      "%s. %s" % (advice.headline, advice.reason), 4 if advice.action == "open" else 3,
                                      ["window"] if advice.action == "open" else ["house"])
@@ -2167,7 +2172,9 @@ class Notifier:
             if {k: m.state for k, m in want.items()} != {k: m.state for k, m in self.want.items()}:
                 self._changed.notify_all()
             self.want = want
-
+        if advice.action == "unknown" or held:
+            return CHECK_INTERVAL_S
+        return (advice.since + self.hold_ms - now) / 1000 + 0.05
     def _station_message(self, role, station, now):
         """A compared station's state (offline or online) as a message."""
         last = self.server.view.local(station["last_seen"]).strftime("%H:%M")
@@ -3186,6 +3193,8 @@ def main(argv=None):
         except ValueError as exc:
             log("iotserver: a URL in $%s %s" % (NOTIFY_ENV, exc))
             return 2
+    if command is _cmd_notify_test:  # reaches out, touches no database
+        return command(args, None, sys.stdout)
     try:
         store = Store(args.db, create=command is None)
     except StoreError as exc:
