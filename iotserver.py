@@ -1039,7 +1039,7 @@ def humid_air(celsius, rh):
 
 
 def station_air(station):
-    """A station's dew point and absolute humidity from its latest temperature and humidity, if taken together."""
+    """A station's dew point and absolute humidity from its latest temperature and humidity (taken within 3 minutes)."""
     fields = station["fields"]
     if 1 not in fields or 3 not in fields or abs(fields[1]["ts"] - fields[3]["ts"]) > OFFLINE_MIN_MS:
         return None
@@ -1050,14 +1050,17 @@ def station_air(station):
 Sample = collections.namedtuple("Sample", "ms inside outside rh_inside rh_outside")
 
 
-def samples(inside, rh_inside, outside, rh_outside):
-    """Both stations' readings [(ms, value)] merged in time, each value carried forward: [Sample], one per moment."""
+def samples(inside, rh_inside, outside, rh_outside, after=-1):
+    """Both stations' readings [(ms, value)] merged in time, each value carried forward: [Sample], one per moment.
+
+    Only the moments after ``after``, and always the latest (if both have a temperature).
+    """
     merged = sorted((ms, which, value) for which, series in enumerate((inside, rh_inside, outside, rh_outside))
                     for ms, value in series)
     latest, out = [None] * 4, []
-    for ms, which, value in merged:
+    for i, (ms, which, value) in enumerate(merged):
         latest[which] = value
-        if latest[0] is None or latest[2] is None:
+        if latest[0] is None or latest[2] is None or ms <= after and i < len(merged) - 1:
             continue
         if out and out[-1].ms == ms:
             out.pop()
@@ -1147,11 +1150,12 @@ def _words(why, memory, s, view):
                 "Inside %s is within the comfort band (%s)." % (view.show(1, s.inside), comfort))
     if why == "already":
         warmer = memory["side"] == "warmer"
-        clear = diff >= band if warmer else diff <= -band
-        return ("Keep the windows closed — " + ("outside is %s %s" % (size, "warmer" if warmer else "colder")
-                                                 if clear else about),
-                "Outside is warmer and the house is already warm." if warmer
-                else "Outside is colder and the house is already cool.")
+        if diff >= band if warmer else diff <= -band:
+            return ("Keep the windows closed — outside is %s %s" % (size, "warmer" if warmer else "colder"),
+                    "Outside is warmer and the house is already warm." if warmer
+                    else "Outside is colder and the house is already cool.")
+        return ("Keep the windows closed — " + about, "Outside is not clearly %s yet, and the house is %s." % (
+            ("cooler", "warm") if warmer else ("warmer", "cool")))
     return ("Keep the windows closed — " + about,
             "Inside is %s the comfort band, but outside is not clearly %s yet." % (
                 ("above", "cooler") if memory["zone"] == "warm" else ("below", "warmer")))
@@ -1159,13 +1163,16 @@ def _words(why, memory, s, view):
 
 def _line(points, now):
     """A least-squares line through [(ms, °C)] as (value now, slope, residual variance, n, mean x, Sxx), x in minutes."""
-    xs, ys = [(ms - now) / 60_000 for ms, _ in points], [v for _, v in points]
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    residual = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys)) / (n - 2)
-    return my - slope * mx, slope, residual, n, mx, sxx
+    n = len(points)
+    mx, my = sum(ms for ms, _ in points) / n, sum(v for _, v in points) / n
+    sxx = sxy = syy = 0.0
+    for ms, v in points:
+        dx, dy = ms - mx, v - my
+        sxx, sxy, syy = sxx + dx * dx, sxy + dx * dy, syy + dy * dy
+    sxx /= 60_000 ** 2  # in minutes
+    slope = sxy / 60_000 / sxx
+    residual = max(0.0, syy - slope * sxy / 60_000) / (n - 2)
+    return my - slope * (mx - now) / 60_000, slope, residual, n, (mx - now) / 60_000, sxx
 
 
 def crossover(inside, outside, now):
@@ -1203,7 +1210,7 @@ def _conditions(station, s, inside):
     celsius, rh = (s.inside, s.rh_inside) if inside else (s.outside, s.rh_outside)
     air = humid_air(celsius, rh) if rh is not None else None
     return {"mac": station["mac"], "name": station["name"], "temperature": celsius, "humidity": rh,
-            "dew_point": round(air[0], 2) if air else None, "absolute_humidity": round(air[1], 2) if air else None}
+            "dew_point": air and air[0], "absolute_humidity": air and air[1]}
 
 
 def advise(indoor, outdoor, series, view, now, memory=None):
@@ -1228,15 +1235,15 @@ def advise(indoor, outdoor, series, view, now, memory=None):
         if is_offline(station, now):
             return Advice("unknown", "Can't compare: %s station %s is offline (last seen %s)" % (
                 role.lower(), station["name"], ago(now - station["last_seen"])), "The advice resumes when it posts again.")
-    history = samples(*series)
-    if not history:
-        return Advice("unknown", "Can't compare: no temperatures from both stations in the last 2 hours",
-                      "The advice resumes when both post a temperature.")
     memory = {} if memory is None else memory
     pair = [indoor["id"], outdoor["id"]]
     if memory.get("pair") != pair or memory.get("upto", 0) < now - ADVICE_MEMORY_MS:
         memory.clear()  # other stations, or a memory too old to hold on to
         memory.update(pair=pair, upto=0, state={})
+    history = samples(*series, after=memory["upto"])
+    if not history:
+        return Advice("unknown", "Can't compare: no temperatures from both stations in the last 2 hours",
+                      "The advice resumes when both post a temperature.")
     settled = min(indoor["fields"][1]["ts"], outdoor["fields"][1]["ts"])  # no reading older than this is to come
     state = dict(memory["state"])
     for s in history:
@@ -1568,12 +1575,17 @@ def render_advice(advisor, store, now):
     """/api/advice: the advice the page shows, with the values (°C) it used."""
     advice = advisor.current(store, now)[0]
     view = advisor.view
-    return _json({
+    used = {}
+    for where, values in (("inside", advice.inside), ("outside", advice.outside)):
+        used[where] = values and dict(values)
+        for name in ("dew_point", "absolute_humidity"):
+            if values and values[name] is not None:
+                used[where][name] = round(values[name], 2)
+    return _json(dict({
         "generated": iso_ms(now), "action": advice.action, "headline": advice.headline, "reason": advice.reason,
         "since": iso_utc(advice.since) if advice.since is not None else None,
         "crossover": iso_utc(advice.crossover) if advice.crossover else None, "outlook": advice.outlook or None,
-        "inside": advice.inside, "outside": advice.outside,
-        "comfort": list(view.comfort), "dead_band": view.dead_band_c, "max_dew_point": view.max_dew_point})
+        "comfort": list(view.comfort), "dead_band": view.dead_band_c, "max_dew_point": view.max_dew_point}, **used))
 
 
 def parse_readings_query(query, now):
@@ -1965,8 +1977,9 @@ def parse_target(text):
     if unknown:
         raise ValueError("has an unknown parameter %r (%s takes %s)" % (
             unknown[0][:20], kind, ", ".join(allowed) or ("+Header=value" if kind == "json" else "none")))
-    if kind == "ntfy" and not segments:  # ntfy://topic: the public server, always over HTTPS
-        segments, t.host, t.secure = [t.host], "ntfy.sh", True
+    if kind == "ntfy" and not segments:  # ntfy://topic: the public server, always over HTTPS (topics keep their case)
+        segments, t.host, t.secure = [urllib.parse.unquote(parts.netloc.rpartition("@")[2])], "ntfy.sh", True
+        scheme = "ntfys"
     if not t.host:
         raise ValueError("names no host")
     if kind == "ntfy":
@@ -1982,7 +1995,7 @@ def parse_target(text):
         t.path = parts.path or "/"
     else:
         mode = params.get("mode", "ssl" if t.secure and port == 465 else "starttls" if t.secure else "plain")
-        if mode not in ("ssl", "starttls", "plain") or mode != "plain" and not t.secure:
+        if mode not in ("ssl", "starttls", "plain") or (mode == "plain") == t.secure:
             raise ValueError("has mode %r: mailtos:// takes mode=ssl or mode=starttls, mailto:// is plain" % mode[:10])
         params["mode"] = mode
         t.port = port or {"ssl": 465, "starttls": 587, "plain": 25}[mode]
@@ -2175,6 +2188,7 @@ class Notifier:
         if advice.action == "unknown" or held:
             return CHECK_INTERVAL_S
         return (advice.since + self.hold_ms - now) / 1000 + 0.05
+
     def _station_message(self, role, station, now):
         """A compared station's state (offline or online) as a message."""
         last = self.server.view.local(station["last_seen"]).strftime("%H:%M")

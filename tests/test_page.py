@@ -72,6 +72,7 @@ def test_dead_band_keeps_the_advice_from_flipping(server):
     _roles(server, out_c=25.2, in_c=25.0)
     # inside is above the comfort band, but outside is not clearly cooler: no reason to open yet
     assert headline(server) == ("close", "Keep the windows closed — outside is about the same (0.4 °F warmer)")
+    assert reason(server) == "Inside is above the comfort band, but outside is not clearly cooler yet."
     server.update("20.0", mac=OUT)  # clearly cooler: open
     assert headline(server)[0] == "open"
     server.update("25.3", mac=OUT)  # a fraction warmer than inside: still open
@@ -82,6 +83,7 @@ def test_dead_band_keeps_the_advice_from_flipping(server):
     server.update("24.8", mac=OUT)  # a fraction cooler: stays closed
     kind, text = headline(server)
     assert kind == "close" and "about the same (0.4 °F cooler)" in text
+    assert reason(server) == "Outside is not clearly cooler yet, and the house is warm."
 
 
 def test_dead_band_flag(start):
