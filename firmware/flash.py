@@ -2,13 +2,14 @@
 """Take an ESP8266 board from blank to posting, in one command (runs on your computer).
 
     python3 firmware/flash.py --port /dev/ttyUSB0 --firmware ESP8266_GENERIC-v1.27.0.bin \\
-        --server https://iot.example.org --ssid MyWiFi --api-key KEY [--sensor bmp280]
+        --server https://iot.example.org --ssid MyWiFi --api-key KEY [--sensor bme280]
 
 1. erases the board and writes MicroPython with esptool (skip with --skip-firmware),
 2. writes config.py from the arguments (asks for what is missing; passwords without echo),
 3. uploads the station files and config.py with ampy, and lists the board's files.
 
---dry-run prints the commands instead of running them. Needs: pip install esptool adafruit-ampy
+--dry-run prints the commands instead of running them, and needs neither the firmware image nor
+answers to the questions. Needs: pip install esptool adafruit-ampy
 (both in requirements-dev.txt). The API key and Wi-Fi password are never printed.
 """
 
@@ -21,8 +22,13 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: What goes on the board, in upload order (main.py last: the board starts the station with it).
-DEVICE_FILES = ("boot.py", "wifi.py", "httpc.py", "mcp9808.py", "bmp280.py", "app.py", "main.py")
-SENSORS = ("mcp9808", "bmp280")
+#: The one list: tests/test_firmware.py and tests/test_flash.py import it.
+DEVICE_FILES = ("boot.py", "wifi.py", "httpc.py", "buffer.py", "mcp9808.py", "bmp280.py", "bme280.py", "app.py",
+                "main.py")
+#: config.SENSOR values (app.SENSORS on the board).
+SENSORS = ("mcp9808", "bmp280", "bme280")
+#: Stands for what --dry-run would ask on the terminal.
+ASKED = "<asked>"
 
 
 class FlashError(Exception):
@@ -40,10 +46,13 @@ def ampy_command(port, *args):
 
 
 def config_text(args):
-    return ("# written by firmware/flash.py; never commit this file\n"
+    text = ("# written by firmware/flash.py; never commit this file\n"
             "SERVER = %r\nAPI_KEY = %r\nSSID = %r\nWIFI_PASSWORD = %r\nINTERVAL = %d\nSENSOR = %r\nDEEP_SLEEP = %r\n"
             % (args.server.rstrip("/"), args.api_key, args.ssid, args.password, args.interval, args.sensor,
                args.deep_sleep))
+    if args.ntp_host:
+        text += "NTP_HOST = %r\n" % args.ntp_host
+    return text
 
 
 def shown(command, secrets):
@@ -74,7 +83,12 @@ def run(command, what, port, timeout):
 
 
 def ask(args):
-    """Fill in what the command line left out, asking on the terminal."""
+    """Fill in what the command line left out, asking on the terminal (with --dry-run: a placeholder)."""
+    if args.dry_run:
+        for name in ("server", "ssid", "password", "api_key"):
+            if not getattr(args, name):
+                setattr(args, name, ASKED)
+        return
     if not args.server:
         args.server = input("Server URL (https://...): ").strip()
     if not args.ssid:
@@ -101,6 +115,8 @@ def build_parser():
     parser.add_argument("--sensor", choices=SENSORS, default="mcp9808", help="the station's sensor")
     parser.add_argument("--interval", type=int, default=60, help="seconds between readings (default 60)")
     parser.add_argument("--deep-sleep", action="store_true", help="battery station: needs GPIO16 wired to RST")
+    parser.add_argument("--ntp-host", help="time server (default pool.ntp.org), e.g. your router on a LAN "
+                        "without internet")
     parser.add_argument("--baud", type=int, default=460800, help="esptool's baud rate")
     parser.add_argument("--timeout", type=int, default=60, help="seconds each upload step may take (default 60)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
@@ -114,17 +130,20 @@ def main(argv=None):
             if not args.firmware:
                 raise FlashError("give --firmware FILE.bin (MicroPython for the ESP8266) or --skip-firmware")
             if not os.path.isfile(args.firmware):
-                raise FlashError("no firmware file %s" % args.firmware)
+                if not args.dry_run:
+                    raise FlashError("no firmware file %s" % args.firmware)
+                print("(%s is not here: download it before running this without --dry-run)" % args.firmware)
         ask(args)
-        secrets = (args.api_key, args.password)
+        secrets = tuple(s for s in (args.api_key, args.password) if s != ASKED)
         steps = []
         if not args.skip_firmware:
             steps += [(cmd, "esptool") for cmd in esptool_commands(args.port, args.firmware, args.baud)]
         with tempfile.TemporaryDirectory() as tmp:
             config = os.path.join(tmp, "config.py")
-            with open(config, "w") as f:
-                os.chmod(config, 0o600)
-                f.write(config_text(args))
+            if not args.dry_run:
+                with open(config, "w") as f:
+                    os.chmod(config, 0o600)
+                    f.write(config_text(args))
             for name in DEVICE_FILES[:-1] + ("config.py", DEVICE_FILES[-1]):
                 local = config if name == "config.py" else os.path.join(HERE, name)
                 steps.append((ampy_command(args.port, "put", local, name), "upload"))
