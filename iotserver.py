@@ -108,6 +108,101 @@ class StoreError(IotError):
 
 
 ###############################################################################
+# Time and logging ############################################################
+###############################################################################
+
+
+def now_ms():
+    """Milliseconds since the epoch, UTC."""
+    return time.time_ns() // 1_000_000
+
+
+def iso_utc(ms):
+    """ISO-8601 UTC text for a stored timestamp."""
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def iso_ms(ms):
+    """ISO-8601 UTC with milliseconds, as the read API writes times."""
+    return iso_utc(ms)[:-1] + ".%03dZ" % (ms % 1000)
+
+
+def parse_time(name, text, zone=None):
+    """Epoch ms from ISO 8601 or ThingSpeak's '2026-07-01 12:00:00'; no offset means ``zone`` (UTC)."""
+    stamp = text.strip().replace(" ", "T", 1)
+    if stamp[-1:] in ("Z", "z"):
+        stamp = stamp[:-1] + "+00:00"
+    try:
+        when = datetime.datetime.fromisoformat(stamp)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=zone or datetime.timezone.utc)
+        return int(when.timestamp() * 1000)
+    except (ValueError, OverflowError, OSError):
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "%s must be an ISO-8601 time such as 2026-07-01T12:00:00Z" % name) from None
+
+
+#: Measurement times accepted: not before this (a station whose clock was never set sends
+#: times near 2000-01-01), and not further ahead of the server's clock than this.
+EARLIEST_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z
+FUTURE_SKEW_MS = 300_000
+
+
+def check_time(name, ms, now=None):
+    """``ms`` if it is a measurement time iotserver stores and reads back, else HTTPError(400)."""
+    now = now_ms() if now is None else now
+    if ms > now + FUTURE_SKEW_MS:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "%s is in the future (more than %d s ahead of the server's clock)"
+                        % (name, FUTURE_SKEW_MS // 1000))
+    if ms < EARLIEST_MS:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "%s is before %s (is the station's clock set?)"
+                        % (name, iso_utc(EARLIEST_MS)[:10]))
+    return ms
+
+
+def _retry_after(seconds):
+    """The Retry-After header for a wait of ``seconds`` (at least one second)."""
+    return [("Retry-After", str(max(1, math.ceil(seconds))))]
+
+
+#: Escapes for log lines, as http.server's: C0 and C1 control characters, DEL and backslash
+#: (so an escaped byte cannot be told from one a client wrote as text).
+_CONTROL_CHARS = {c: "\\x%02x" % c for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_CONTROL_CHARS[ord("\\")] = "\\\\"
+_KEY_IN_TEXT_RE = re.compile(r"((?:api_)?key=)[^/&\s\"]*", re.I)
+_DATE = [0, ""]
+
+
+def _http_date():
+    """The Date header, formatted once a second rather than once a request."""
+    now = int(time.time())
+    if _DATE[0] != now:
+        _DATE[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return _DATE[1]
+
+
+def _plain_ip(text):
+    """An IP address in canonical form (IPv4-mapped IPv6 as IPv4), or '' if ``text`` is none."""
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return ""
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
+
+
+def log(message, key=None):
+    """The one place iotserver logs: a line to stderr (the journal), keys redacted, control characters escaped."""
+    sys.stderr.write(redact(message, key).translate(_CONTROL_CHARS) + "\n")
+
+
+def redact(text, key=None):
+    """Hide every API key in a log line."""
+    if key:
+        text = text.replace(key, "[redacted]")
+    return _KEY_IN_TEXT_RE.sub(r"\1[redacted]", text)
+
+
+###############################################################################
 # Parsing a reading ###########################################################
 ###############################################################################
 
@@ -150,11 +245,11 @@ def parse_value(text):
     return value
 
 
-def parse_update(path):
-    """Split ``/update/API_key=K/mac=M/field=N/data=V`` into (key bytes, mac, field, value).
+def _path_parts(path, names):
+    """The ``name=value`` segments after ``/update/``, each of ``names`` exactly once: {name: bytes}.
 
-    Names must be literal; each value is percent-decoded exactly once. Raises
-    HTTPError(400) naming the bad part.
+    Names must be literal (any case); each value is percent-decoded exactly once.
+    Raises HTTPError(400) naming the bad part.
     """
     if len(path) > MAX_UPDATE_PATH:
         raise HTTPError(HTTPStatus.REQUEST_URI_TOO_LONG, "path is longer than %d bytes" % MAX_UPDATE_PATH)
@@ -165,32 +260,45 @@ def parse_update(path):
     for segment in segments:
         name, sep, raw = segment.partition("=")
         lname = name.lower()
-        if not sep or lname not in _UPDATE_PARTS:
+        if not sep or lname not in names:
             shown = name[:20].encode("latin-1").decode("ascii", "replace") if name else "(empty)"
-            raise HTTPError(400, "unknown path segment %r; expected API_key=, mac=, field=, data=" % shown)
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "unknown path segment %r; expected %s" % (
+                shown, ", ".join(("API_key" if n == "api_key" else n) + "=" for n in names)))
         if lname in parts:
-            raise HTTPError(400, "%s is given twice" % lname)
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "%s is given twice" % lname)
         try:
             parts[lname] = _unquote_strict(raw)
         except ValueError as exc:
-            raise HTTPError(400, "%s %s" % (lname, exc)) from None
-    missing = [p for p in _UPDATE_PARTS if p not in parts]
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "%s %s" % (lname, exc)) from None
+    missing = [p for p in names if p not in parts]
     if missing:
-        raise HTTPError(400, "missing %s" % ", ".join(missing))
-    key = parts["api_key"]
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "missing %s" % ", ".join(missing))
     try:
-        mac = parse_mac(parts["mac"].decode("ascii"))
+        parts["mac"] = parse_mac(parts["mac"].decode("ascii"))
     except (UnicodeDecodeError, ValueError):
-        raise HTTPError(400, "mac must be six hex pairs, e.g. 6c:ef:7a:3b:9d:e8") from None
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "mac must be six hex pairs, e.g. 6c:ef:7a:3b:9d:e8") from None
+    return parts
+
+
+def parse_station(path):
+    """Split ``/update/API_key=K/mac=M`` (a station's bulk upload) into (key bytes, mac)."""
+    parts = _path_parts(path, _UPDATE_PARTS[:2])
+    return parts["api_key"], parts["mac"]
+
+
+def parse_update(path):
+    """Split ``/update/API_key=K/mac=M/field=N/data=V`` into (key bytes, mac, field, value)."""
+    parts = _path_parts(path, _UPDATE_PARTS)
+    key, mac = parts["api_key"], parts["mac"]
     field = parts["field"].decode("ascii", "replace")
     if not _FIELD_RE.fullmatch(field):
-        raise HTTPError(400, "field must be a whole number from 1 to 8")
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "field must be a whole number from 1 to 8")
     try:
         value = parse_value(parts["data"].decode("ascii"))
     except UnicodeDecodeError:
-        raise HTTPError(400, "data must be a plain decimal number such as 21.4") from None
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "data must be a plain decimal number such as 21.4") from None
     except ValueError as exc:
-        raise HTTPError(400, str(exc)) from None
+        raise HTTPError(HTTPStatus.BAD_REQUEST, str(exc)) from None
     return key, mac, int(field), value
 
 
@@ -209,42 +317,43 @@ class TokenBuckets:
         self._buckets = collections.OrderedDict()  # key -> [tokens, last refill]
         self._lock = threading.Lock()
 
+    def _refill(self, key, now, create):
+        """The bucket of ``key`` topped up to ``now`` (under the lock); None if absent and not ``create``."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if not create:
+                return None
+            if len(self._buckets) >= self.max_entries:
+                self._buckets.popitem(last=False)
+            bucket = self._buckets[key] = [self.burst, now]
+        else:
+            self._buckets.move_to_end(key)
+            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+        return bucket
+
+    def _wait(self, tokens):
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate if self.rate > 0 else 3600.0
+
     def take(self, key, now=None):
         """Take a token; return 0 when allowed, else the seconds until one is available."""
-        now = time.monotonic() if now is None else now
         with self._lock:
-            bucket = self._buckets.get(key)
-            if bucket is None:
-                if len(self._buckets) >= self.max_entries:
-                    self._buckets.popitem(last=False)
-                bucket = self._buckets[key] = [self.burst, now]
-            else:
-                self._buckets.move_to_end(key)
-                bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-                bucket[1] = now
-            if bucket[0] >= 1.0:
+            bucket = self._refill(key, time.monotonic() if now is None else now, create=True)
+            wait = self._wait(bucket[0])
+            if not wait:
                 bucket[0] -= 1.0
-                return 0.0
-            return (1.0 - bucket[0]) / self.rate if self.rate > 0 else 3600.0
+            return wait
 
     def peek(self, key, now=None):
         """Return the seconds until ``key`` may take a token, without taking one."""
-        now = time.monotonic() if now is None else now
         with self._lock:
-            bucket = self._buckets.get(key)
-            if bucket is None:
-                return 0.0
-            tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-            if tokens >= 1.0:
-                return 0.0
-            return (1.0 - tokens) / self.rate if self.rate > 0 else 3600.0
+            bucket = self._refill(key, time.monotonic() if now is None else now, create=False)
+            return self._wait(bucket[0]) if bucket else 0.0
 
     def __len__(self):
         return len(self._buckets)
 
 
-def _retry_after(seconds):
-    return [("Retry-After", str(max(1, math.ceil(seconds))))]
 
 
 ###############################################################################
@@ -289,14 +398,22 @@ def _new_write_key():
     return secrets.token_hex(8).upper()
 
 
-def now_ms():
-    """Milliseconds since the epoch, UTC."""
-    return time.time_ns() // 1_000_000
+class _Pending:
+    """An entry waiting for the group commit (see Store.add_entry), and what became of it."""
 
+    __slots__ = ("mac", "values", "ts", "measured", "max_stations", "entry", "error")
 
-def iso_utc(ms):
-    """ISO-8601 UTC text for a stored timestamp."""
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    def __init__(self, mac, values, ts, max_stations):
+        self.mac, self.values, self.max_stations = mac, values, max_stations
+        # a time the client gave is the entry's identity: sent again, it is stored once
+        self.measured = ts is not None
+        self.ts = now_ms() if ts is None else ts
+        self.entry = None  # the stored entry's id, once committed
+        self.error = None  # or why it was not stored
+
+    @property
+    def settled(self):
+        return self.entry is not None or self.error is not None
 
 
 class Store:
@@ -310,7 +427,7 @@ class Store:
         if not create and not os.path.exists(self.path):
             raise StoreError("no database at %s" % self.path)
         self._lock = threading.RLock()
-        self._pending = []  # entries waiting for the write lock: [mac, values, ts, max, entry id, error]
+        self._pending = []  # _Pending entries waiting for the write lock
         self._pending_lock = threading.Lock()
         self._readers = []  # idle read-only connections; list.pop/append are atomic
         self._failing_until = 0.0  # monotonic time until which writes fail fast (see add_entry)
@@ -434,27 +551,38 @@ class Store:
     def add_entry(self, mac, values, max_stations=DEFAULT_MAX_STATIONS, ts=None):
         """Store readings [(field, value)] of one moment (a ThingSpeak entry); return the entry id.
 
+        ``ts`` is the measurement time the client gave (None: now). A field already
+        stored for this station at that time is not stored again (a retry after a lost
+        answer); the entry id returned is then the stored one's.
+        """
+        return self.add_entries(mac, [(ts, values)], max_stations)[0]
+
+    def add_entries(self, mac, entries, max_stations=DEFAULT_MAX_STATIONS):
+        """Store entries [(ts or None, [(field, value)])] of one station, all or none; return their ids.
+
         Group commit: entries that arrive while another thread is writing wait for
         the lock, and whoever gets it first writes every waiting entry in one
-        transaction. Each caller still returns only after its own entry committed.
+        transaction. Each caller still returns only after its own entries committed,
+        and one caller's entries always land in the same transaction.
         """
-        item = [mac, values, now_ms() if ts is None else ts, max_stations, None, None]
+        items = [_Pending(mac, values, ts, max_stations) for ts, values in entries]
         with self._pending_lock:
-            self._pending.append(item)
+            self._pending.extend(items)
         with self._lock:
-            if item[4] is None and item[5] is None:
+            if not items[-1].settled:
                 with self._pending_lock:
                     batch, self._pending = self._pending, []
                 if time.monotonic() < self._failing_until:
                     # a write just failed (locked, full, read-only): answer at once, do not wait again
                     error = sqlite3.OperationalError("storage failed a moment ago; not retried yet")
                     for waiting in batch:
-                        waiting[5] = error
+                        waiting.error = error
                 else:
                     self._write_batch(batch)
-        if item[5] is not None:
-            raise item[5]
-        return item[4]
+        for item in items:
+            if item.error is not None:
+                raise item.error
+        return [item.entry for item in items]
 
     def _write_batch(self, batch):
         """Write pending entries in one transaction; set each item's entry id or its exception."""
@@ -463,30 +591,35 @@ class Store:
             with self.atomic() as conn:
                 self._refresh()
                 for item in batch:
-                    mac, values, ts, max_stations = item[:4]
-                    station_id = self._stations.get(mac) or added.get(mac)
+                    station_id = self._stations.get(item.mac) or added.get(item.mac)
                     if station_id is None:
                         if self._settings.get("locked") == "1":
-                            item[5] = Refused("registration is locked; unknown station %s" % mac)
+                            item.error = Refused("registration is locked; unknown station %s" % item.mac)
                             continue
-                        if len(self._stations) + len(added) >= max_stations:
-                            item[5] = Refused("station limit (%d) reached; forget a station first" % max_stations)
+                        if len(self._stations) + len(added) >= item.max_stations:
+                            item.error = Refused("station limit (%d) reached; forget a station first"
+                                                 % item.max_stations)
                             continue
                         write_key = _new_write_key()
-                        station_id = added[mac] = conn.execute(
+                        station_id = added[item.mac] = conn.execute(
                             "INSERT INTO stations (mac, name, created_at, write_key) VALUES (?, ?, ?, ?)",
-                            (mac, mac, ts, write_key)).lastrowid
-                        keys[write_key] = mac
-                    entry = None  # the first row's own id; the entry's other rows point to it
-                    for field, value in values:
+                            (item.mac, item.mac, item.ts, write_key)).lastrowid
+                        keys[write_key] = item.mac
+                    entry, stored = None, {}  # entry: the first row's own id; the entry's other rows point to it
+                    if item.measured:
+                        stored = dict(conn.execute("SELECT field, coalesce(entry, id) FROM readings "
+                                                   "WHERE station_id = ? AND ts = ?", (station_id, item.ts)))
+                        entry = next(iter(stored.values()), None)
+                    item.values = [(f, v) for f, v in item.values if f not in stored]  # the rest was sent before
+                    for field, value in item.values:
                         row = conn.execute(
                             "INSERT INTO readings (station_id, field, value, ts, entry) VALUES (?, ?, ?, ?, ?)",
-                            (station_id, field, value, ts, entry)).lastrowid
+                            (station_id, field, value, item.ts, entry)).lastrowid
                         entry = entry or row
-                    item[4] = entry
+                    item.entry = entry
         except Exception as exc:
             for item in batch:
-                item[4], item[5] = None, exc
+                item.entry, item.error = None, exc
             if isinstance(exc, sqlite3.Error):
                 self._failing_until = time.monotonic() + FAIL_FAST_SECONDS
             return
@@ -495,10 +628,10 @@ class Store:
         self._write_keys.update(keys)
         self._generation += 1
         for item in batch:
-            if item[4] is not None:
-                self._remember(self._stations[item[0]], item[1], item[2])
+            if item.entry is not None and item.values:
+                self._remember(self._stations[item.mac], item.values, item.ts)
         settled = now_ms() - 60_000
-        if any(item[2] < settled for item in batch):
+        if any(item.ts < settled for item in batch):
             self._series_cache.clear()  # a back-dated entry (created_at) may land in a finished bucket
 
     def stations(self):
@@ -614,87 +747,6 @@ class Store:
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return total
 
-    # -- reading, on a small pool of read-only connections (WAL: readers never block the writer) --
-
-    @contextlib.contextmanager
-    def reader(self):
-        """A read-only connection with one consistent snapshot for the whole block."""
-        try:
-            conn = self._readers.pop()
-        except IndexError:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA query_only = ON")
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("COMMIT")
-            if len(self._readers) < 8:
-                self._readers.append(conn)
-            else:
-                conn.close()
-
-    def station_list(self, conn):
-        """Stations as dicts (id, mac, name, role): outdoor, indoor, then the rest by name.
-
-        Every read starts here, so this is where the in-memory views catch up with
-        changes another process made (latest() and series() rely on it).
-        """
-        self._refresh()
-        rows = conn.execute("SELECT id, mac, name, role FROM stations "
-                            "ORDER BY role IS NULL, role DESC, name, mac").fetchall()
-        return [dict(zip(("id", "mac", "name", "role"), row)) for row in rows]
-
-    def latest(self, conn, station, since_ms=None):
-        """Fill ``station`` with its latest value per field, min/max since ``since_ms``, interval.
-
-        Kept in memory and updated by every write, so a page with many stations costs
-        dictionary look-ups, not eight queries a station; read from the database on
-        first use and again whenever another process changed it.
-        """
-        with self._lock:
-            entry, generation = self._latest.get(station["id"]), self._generation
-        if entry is None:
-            entry = self._load_latest(conn, station["id"])
-            with self._lock:
-                if generation == self._generation:
-                    self._latest[station["id"]] = entry  # nothing was written meanwhile
-        fields = {}
-        for field, (value, ts) in sorted(entry["fields"].items()):
-            low = high = None
-            if since_ms is not None:
-                span = entry["ranges"].get((field, since_ms))
-                if span is None:
-                    span = conn.execute("SELECT min(value), max(value) FROM readings WHERE station_id = ? "
-                                        "AND field = ? AND ts >= ?", (station["id"], field, since_ms)).fetchone()
-                    with self._lock:
-                        if generation == self._generation:
-                            entry["ranges"][(field, since_ms)] = list(span)
-                low, high = span
-            fields[field] = {"value": value, "ts": ts, "min": low, "max": high}
-        station["fields"] = fields
-        station["last_seen"] = max((f["ts"] for f in fields.values()), default=None)
-        recent = list(entry["recent"])
-        gaps = sorted(a - b for a, b in zip(recent, recent[1:]))
-        station["interval_ms"] = gaps[len(gaps) // 2] if gaps else None
-        return station
-
-    def _load_latest(self, conn, station_id):
-        """A station's latest values from the database: eight index seeks, cheap at any table size."""
-        fields = {}
-        for field in range(1, 9):
-            row = conn.execute("SELECT value, ts FROM readings WHERE station_id = ? AND field = ? "
-                               "ORDER BY ts DESC LIMIT 1", (station_id, field)).fetchone()
-            if row is not None:
-                fields[field] = row
-        recent = []
-        if fields:
-            recent = [r[0] for r in conn.execute(
-                "SELECT ts FROM readings WHERE station_id = ? AND field = ? ORDER BY ts DESC LIMIT 7",
-                (station_id, min(fields)))]
-        return {"fields": fields, "recent": recent, "ranges": {}}
-
     def _remember(self, station_id, values, ts):
         """Update the in-memory latest values after a committed write (under the lock)."""
         entry = self._latest.get(station_id)
@@ -712,33 +764,127 @@ class Store:
         if any(f == primary for f, _ in values):
             entry["recent"] = sorted(entry["recent"] + [ts], reverse=True)[:7]
 
-    def series(self, conn, station_id, field, since_ms, bucket_ms, now):
+    # -- reading, on a small pool of read-only connections (WAL: readers never block the writer) --
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        """A Snapshot of the database, consistent for the whole block (one read transaction)."""
+        try:
+            conn = self._readers.pop()
+        except IndexError:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA query_only = ON")
+        conn.execute("BEGIN")
+        try:
+            yield Snapshot(self, conn)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("COMMIT")
+            if len(self._readers) < 8:
+                self._readers.append(conn)
+            else:
+                conn.close()
+
+
+class Snapshot:
+    """The read side: one consistent view of the database, and every query a page or API runs.
+
+    Made once per request by Store.snapshot(). Its constructor first lets the store's
+    in-memory views catch up with changes another process made, so no read can see a
+    view older than the database.
+    """
+
+    def __init__(self, store, conn):
+        store._refresh()
+        self._store, self._conn = store, conn
+        rows = conn.execute("SELECT id, mac, name, role FROM stations "
+                            "ORDER BY role IS NULL, role DESC, name, mac").fetchall()
+        #: Stations as dicts (id, mac, name, role): outdoor, indoor, then the rest by name.
+        self.stations = [dict(zip(("id", "mac", "name", "role"), row)) for row in rows]
+
+    def station(self, station_id):
+        """The station with this id (a ThingSpeak channel id), or None."""
+        return next((s for s in self.stations if s["id"] == station_id), None)
+
+    def latest(self, station, since_ms=None):
+        """Fill ``station`` with its latest value per field, min/max since ``since_ms``, interval.
+
+        Kept in memory and updated by every write, so a page with many stations costs
+        dictionary look-ups, not eight queries a station; read from the database on
+        first use and again whenever another process changed it.
+        """
+        store, conn = self._store, self._conn
+        with store._lock:
+            entry, generation = store._latest.get(station["id"]), store._generation
+        if entry is None:
+            entry = self._load_latest(station["id"])
+            with store._lock:
+                if generation == store._generation:
+                    store._latest[station["id"]] = entry  # nothing was written meanwhile
+        fields = {}
+        for field, (value, ts) in sorted(entry["fields"].items()):
+            low = high = None
+            if since_ms is not None:
+                span = entry["ranges"].get((field, since_ms))
+                if span is None:
+                    span = conn.execute("SELECT min(value), max(value) FROM readings WHERE station_id = ? "
+                                        "AND field = ? AND ts >= ?", (station["id"], field, since_ms)).fetchone()
+                    with store._lock:
+                        if generation == store._generation:
+                            entry["ranges"][(field, since_ms)] = list(span)
+                low, high = span
+            fields[field] = {"value": value, "ts": ts, "min": low, "max": high}
+        station["fields"] = fields
+        station["last_seen"] = max((f["ts"] for f in fields.values()), default=None)
+        recent = list(entry["recent"])
+        gaps = sorted(a - b for a, b in zip(recent, recent[1:]))
+        station["interval_ms"] = gaps[len(gaps) // 2] if gaps else None
+        return station
+
+    def _load_latest(self, station_id):
+        """A station's latest values from the database: eight index seeks, cheap at any table size."""
+        fields = {}
+        for field in range(1, 9):
+            row = self._conn.execute("SELECT value, ts FROM readings WHERE station_id = ? AND field = ? "
+                                     "ORDER BY ts DESC LIMIT 1", (station_id, field)).fetchone()
+            if row is not None:
+                fields[field] = row
+        recent = []
+        if fields:
+            recent = [r[0] for r in self._conn.execute(
+                "SELECT ts FROM readings WHERE station_id = ? AND field = ? ORDER BY ts DESC LIMIT 7",
+                (station_id, min(fields)))]
+        return {"fields": fields, "recent": recent, "ranges": {}}
+
+    def series(self, station_id, field, since_ms, bucket_ms, now):
         """Average of a field per time bucket since ``since_ms``: [(bucket start ms, value)].
 
         Buckets that ended over a minute ago cannot change (the server stamps readings
         on arrival), so they are kept in memory until another process changes the
         database (a prune, a forget); only the newest buckets are read again.
         """
+        cache = self._store._series_cache
         first = since_ms // bucket_ms * bucket_ms
         key = (station_id, field, bucket_ms)
-        done, until = self._series_cache.get(key, ({}, first))
-        fresh = conn.execute(
+        done, until = cache.get(key, ({}, first))
+        fresh = self._conn.execute(
             "SELECT (ts / ?) * ?, avg(value) FROM readings WHERE station_id = ? AND field = ? AND ts >= ? "
             "GROUP BY ts / ? ORDER BY 1", (bucket_ms, bucket_ms, station_id, field, max(first, until), bucket_ms)
         ).fetchall()
         complete = (now - 60_000) // bucket_ms * bucket_ms
         done = {b: v for b, v in done.items() if b >= first}
         done.update((b, v) for b, v in fresh if b + bucket_ms <= complete)
-        self._series_cache[key] = (done, max(until, complete))
+        cache[key] = (done, max(until, complete))
         return sorted(done.items()) + [(b, v) for b, v in fresh if b + bucket_ms > complete]
 
-    def values(self, conn, station_id, field, since_ms, limit):
+    def values(self, station_id, field, since_ms, limit):
         """The last ``limit`` values of a field since ``since_ms``, oldest first: [(ms, value)]."""
-        rows = conn.execute("SELECT ts, value FROM readings WHERE station_id = ? AND field = ? AND ts >= ? "
-                            "ORDER BY ts DESC LIMIT ?", (station_id, field, since_ms, limit)).fetchall()
+        rows = self._conn.execute(
+            "SELECT ts, value FROM readings WHERE station_id = ? AND field = ? AND ts >= ? "
+            "ORDER BY ts DESC LIMIT ?", (station_id, field, since_ms, limit)).fetchall()
         return rows[::-1]
 
-    def readings(self, conn, station_ids, field, since_ms, until_ms, limit):
+    def readings(self, station_ids, field, since_ms, until_ms, limit):
         """Readings in a time range, oldest first: [(ts, mac, name, field, value)]."""
         marks = ",".join("?" * len(station_ids))
         sql = ("SELECT r.ts, s.mac, s.name, r.field, r.value FROM readings r JOIN stations s ON s.id = r.station_id "
@@ -748,12 +894,34 @@ class Store:
             sql += " AND r.field = ?"
             params.append(field)
         sql += " ORDER BY r.ts, r.id LIMIT ?"
-        return conn.execute(sql, params + [limit]).fetchall()
+        return self._conn.execute(sql, params + [limit]).fetchall()
+
+    def entries(self, station_id, field, since_ms, until_ms, limit):
+        """A channel's newest ThingSpeak entries in a range, oldest first: [(entry id, ms, {field: value})]."""
+        sql = ("SELECT coalesce(entry, id), ts, field, value FROM readings WHERE station_id = ? AND ts >= ? "
+               "AND ts < ?%s ORDER BY ts DESC, id DESC LIMIT ?" % (" AND field = ?" if field else ""))
+        args = [station_id, since_ms, until_ms] + ([field] if field else []) + [limit * 8]
+        entries = collections.OrderedDict()
+        for entry, ts, f, value in self._conn.execute(sql, args):
+            if entry not in entries:
+                if len(entries) == limit:
+                    break
+                entries[entry] = (ts, {})
+            entries[entry][1][f] = value
+        return [(entry, ts, values) for entry, (ts, values) in reversed(entries.items())]
+
+    def channel_facts(self, station_id):
+        """(last entry id, created at ms) of a station's ThingSpeak channel."""
+        last = self._conn.execute("SELECT max(coalesce(entry, id)) FROM readings WHERE station_id = ?",
+                                  (station_id,)).fetchone()[0]
+        created = self._conn.execute("SELECT created_at FROM stations WHERE id = ?", (station_id,)).fetchone()[0]
+        return last, created
 
 
 ###############################################################################
-# Rendering ###################################################################
+# Advice ######################################################################
 ###############################################################################
+# How values are shown, when a station counts as offline, and what the headline advises.
 
 #: What each field holds as the stations post it: (label, unit of the stored value).
 #: Field 1 is converted to the page's unit; the others are shown as stored.
@@ -769,13 +937,6 @@ DEFAULT_INTERVAL_MS = 60_000
 #: two hours, and at most this many readings of each station (40 minutes at one a minute).
 ADVICE_MEMORY_MS = 2 * 3_600_000
 ADVICE_MEMORY_READINGS = 40
-#: The chart: last 24 hours, averaged into 10-minute buckets (at most 145 points a line).
-CHART_MS = 24 * 3_600_000
-CHART_BUCKET_MS = 10 * 60_000
-#: Station cards on the page at most (the compared ones and the most recently heard).
-MAX_CARDS = 24
-#: Readings returned by /api/readings by default and at most.
-API_LIMIT, API_MAX_LIMIT = 1000, 100_000
 
 
 class View:
@@ -881,6 +1042,18 @@ def _differences(inside, outside):
         if None not in latest:
             out.append(latest[1] - latest[0])
     return out
+
+
+###############################################################################
+# Page ########################################################################
+###############################################################################
+# The phone page at /: headline, a card per station, the 24-hour chart.
+
+#: The chart: last 24 hours, averaged into 10-minute buckets (at most 145 points a line).
+CHART_MS = 24 * 3_600_000
+CHART_BUCKET_MS = 10 * 60_000
+#: Station cards on the page at most (the compared ones and the most recently heard).
+MAX_CARDS = 24
 
 
 def _nice_step(span, ticks=4):
@@ -1013,102 +1186,130 @@ $main
 """)
 
 
-def render_page(store, view, now, base_url, api_key, refresh, fragment=False):
-    """The page at /: headline, a card per station, the 24-hour chart. Returns (html, nonce).
-
-    With ``fragment``, only the title and <main>, which the open page swaps in.
-    """
-    esc = html.escape
-    today = view.day_start(now)
-    with store.reader() as conn:
-        stations = [store.latest(conn, s, today) for s in store.station_list(conn)]
+def _gather(store, view, now):
+    """What the page shows, read in one snapshot: (stations, by role, chart lines, advice history)."""
+    with store.snapshot() as snap:
+        stations = [snap.latest(s, view.day_start(now)) for s in snap.stations]
         by_role = {s["role"]: s for s in stations if s["role"]}
         charted = [s for s in stations if s["role"]] or stations[:3]
         lines, others = [], 0
         for s in charted:
             css = s["role"] or "other%d" % others
             others += not s["role"]
-            lines.append((s, css, store.series(conn, s["id"], 1, now - CHART_MS, CHART_BUCKET_MS, now)))
+            lines.append((s, css, snap.series(s["id"], 1, now - CHART_MS, CHART_BUCKET_MS, now)))
         history = []
         if "indoor" in by_role and "outdoor" in by_role:
-            history = _differences(*(store.values(conn, by_role[role]["id"], 1, now - ADVICE_MEMORY_MS,
-                                                  ADVICE_MEMORY_READINGS) for role in ("indoor", "outdoor")))
-    nonce = secrets.token_urlsafe(16)
-    outdoor = by_role.get("outdoor")
-    title = "iotserver"
-    if outdoor and 1 in outdoor["fields"] and not is_offline(outdoor, now):
-        title = "%s outside · iotserver" % view.show(1, outdoor["fields"][1]["value"])
-    parts = []
-    if not any(s["fields"] for s in stations):
-        masked = api_key[:4] + "…" if api_key else "KEY"
-        parts.append(
-            '<section class="headline unknown"><h1>No readings yet</h1>'
+            history = _differences(*(snap.values(by_role[role]["id"], 1, now - ADVICE_MEMORY_MS,
+                                                 ADVICE_MEMORY_READINGS) for role in ("indoor", "outdoor")))
+    return stations, by_role, lines, history
+
+
+def _empty_state(base_url, api_key):
+    """What a new server shows: how to point a station at it."""
+    masked = api_key[:4] + "…" if api_key else "KEY"
+    return ('<section class="headline unknown"><h1>No readings yet</h1>'
             "<p>Point a station at this server. It posts one URL per reading:</p>"
             "<p><code>%supdate/API_key=%s/mac=6c:ef:7a:3b:9d:e8/field=1/data=21.4</code></p>"
             "<p>The full key: <code>python3 iotserver.py --show-key</code> on the server. "
             "Field 1 is the temperature in °C; the station appears here with its first reading.</p></section>"
-            % (esc(base_url), esc(masked)))
+            % (html.escape(base_url), html.escape(masked)))
+
+
+def _headline(by_role, history, view, now):
+    """The advice as the page's headline, with the two temperatures or what to do next."""
+    kind, text = advise(by_role.get("indoor"), by_role.get("outdoor"), history, view, now)
+    detail = ""
+    if kind != "unknown":
+        detail = "<p>Outside %s · inside %s</p>" % (
+            view.show(1, by_role["outdoor"]["fields"][1]["value"]), view.show(1, by_role["indoor"]["fields"][1]["value"]))
+    elif "marked" in text:
+        detail = ("<p>Mark them on the server: <code>python3 iotserver.py --role MAC outdoor</code> "
+                  "and <code>--role MAC indoor</code></p>")
+    return '<section class="headline %s" id="headline"><h1>%s</h1>%s</section>' % (kind, html.escape(text), detail)
+
+
+def _card(s, view, now):
+    """One station: name, role, last seen, latest value per field with today's range."""
+    esc = html.escape
+    offline = is_offline(s, now)
+    role = '<span class="role">%s</span>' % esc(s["role"]) if s["role"] else ""
+    if s["last_seen"] is None:
+        seen = '<p class="seen"><span class="badge">No readings</span></p>'
+    elif offline:
+        seen = '<p class="seen"><span class="badge">Offline</span> · last seen %s</p>' % ago(now - s["last_seen"])
     else:
-        kind, text = advise(by_role.get("indoor"), by_role.get("outdoor"), history, view, now)
-        detail = ""
-        if kind != "unknown":
-            detail = "<p>Outside %s · inside %s</p>" % (
-                view.show(1, by_role["outdoor"]["fields"][1]["value"]), view.show(1, by_role["indoor"]["fields"][1]["value"]))
-        elif "marked" in text:
-            detail = "<p>Mark them on the server: <code>python3 iotserver.py --role MAC outdoor</code> " \
-                     "and <code>--role MAC indoor</code></p>"
-        parts.append('<section class="headline %s" id="headline"><h1>%s</h1>%s</section>' % (kind, esc(text), detail))
-    parts.append('<div class="cards">')
-    # the compared stations first, then the most recently heard; a long tail is left to /api/latest
+        seen = '<p class="seen">%s</p>' % ago(now - s["last_seen"])
+    rows = []
+    for field, f in sorted(s["fields"].items()):
+        label = FIELDS.get(field, ("Field %d" % field,))[0]
+        span = ""
+        if f["min"] is not None:
+            span = '<span class="range">today %s – %s</span>' % (view.show(field, f["min"]), view.show(field, f["max"]))
+        rows.append('<dt>%s</dt><dd><span class="value" data-field="%d">%s</span>%s</dd>'
+                    % (label, field, view.show(field, f["value"]), span))
+    mac = '<p class="mac">%s</p>' % esc(s["mac"]) if s["name"] != s["mac"] else ""
+    return ('<section class="card%s" data-mac="%s"><h2>%s%s</h2>%s%s<dl>%s</dl></section>'
+            % (" offline" if offline else "", esc(s["mac"]), esc(s["name"]), role, mac, seen, "".join(rows)))
+
+
+def _cards(stations, view, now):
+    """The compared stations first, then the most recently heard; a long tail is left to /api/latest."""
     shown = sorted(stations, key=lambda s: (s["role"] is None, s["role"] != "outdoor", -(s["last_seen"] or 0)))
-    for s in shown[:MAX_CARDS]:
-        offline = is_offline(s, now)
-        role = '<span class="role">%s</span>' % esc(s["role"]) if s["role"] else ""
-        if s["last_seen"] is None:
-            seen = '<p class="seen"><span class="badge">No readings</span></p>'
-        elif offline:
-            seen = '<p class="seen"><span class="badge">Offline</span> · last seen %s</p>' % ago(now - s["last_seen"])
-        else:
-            seen = '<p class="seen">%s</p>' % ago(now - s["last_seen"])
-        rows = []
-        for field, f in sorted(s["fields"].items()):
-            label = FIELDS.get(field, ("Field %d" % field,))[0]
-            span = ""
-            if f["min"] is not None:
-                span = '<span class="range">today %s – %s</span>' % (view.show(field, f["min"]), view.show(field, f["max"]))
-            rows.append('<dt>%s</dt><dd><span class="value" data-field="%d">%s</span>%s</dd>'
-                        % (label, field, view.show(field, f["value"]), span))
-        mac = '<p class="mac">%s</p>' % esc(s["mac"]) if s["name"] != s["mac"] else ""
-        parts.append('<section class="card%s" data-mac="%s"><h2>%s%s</h2>%s%s<dl>%s</dl></section>'
-                     % (" offline" if offline else "", esc(s["mac"]), esc(s["name"]), role, mac, seen, "".join(rows)))
-    parts.append("</div>")
+    parts = ['<div class="cards">'] + [_card(s, view, now) for s in shown[:MAX_CARDS]] + ["</div>"]
     if len(shown) > MAX_CARDS:
         parts.append('<p class="muted">… and %d more stations: <a href="/api/latest">/api/latest</a> lists them all.</p>'
                      % (len(shown) - MAX_CARDS))
+    return parts
+
+
+def _chart_panel(lines, view, now):
+    """The 24-hour chart with a legend naming each line."""
+    legend = " · ".join('<b class="k-%s">━</b> %s' % (css, html.escape(s["name"])) for s, css, _ in lines)
+    return ('<section class="panel"><h2>Last 24 hours</h2>%s<p class="legend">%s</p></section>'
+            % (render_chart([(s["name"], css, data) for s, css, data in lines], view, now), legend))
+
+
+def render_page(store, view, now, base_url, api_key, refresh, fragment=False):
+    """The page at /: headline, a card per station, the 24-hour chart. Returns (html, nonce).
+
+    With ``fragment``, only the title and <main>, which the open page swaps in.
+    """
+    stations, by_role, lines, history = _gather(store, view, now)
+    if any(s["fields"] for s in stations):
+        parts = [_headline(by_role, history, view, now)]
+    else:
+        parts = [_empty_state(base_url, api_key)]
+    parts += _cards(stations, view, now)
     if stations:
-        legend = " · ".join('<b class="k-%s">━</b> %s' % (css, esc(s["name"])) for s, css, _ in lines)
-        parts.append('<section class="panel"><h2>Last 24 hours</h2>%s<p class="legend">%s</p></section>'
-                     % (render_chart([(s["name"], css, data) for s, css, data in lines], view, now), legend))
-    main = _MAIN.substitute(main="\n".join(parts), refresh=refresh, updated=view.local(now).strftime("%H:%M:%S"))
+        parts.append(_chart_panel(lines, view, now))
+    outdoor = by_role.get("outdoor")
+    title = "iotserver"
+    if outdoor and 1 in outdoor["fields"] and not is_offline(outdoor, now):
+        title = "%s outside · iotserver" % view.show(1, outdoor["fields"][1]["value"])
+    body = _MAIN.substitute(main="\n".join(parts), refresh=refresh, updated=view.local(now).strftime("%H:%M:%S"))
+    nonce = secrets.token_urlsafe(16)
     if fragment:
-        return ("<title>%s</title>\n%s" % (esc(title), main)).encode("utf-8"), nonce
-    page = _PAGE.substitute(title=esc(title), nonce=nonce, refresh=refresh, css=_CSS, main=main, script=_SCRIPT)
+        return ("<title>%s</title>\n%s" % (html.escape(title), body)).encode("utf-8"), nonce
+    page = _PAGE.substitute(title=html.escape(title), nonce=nonce, refresh=refresh, css=_CSS, main=body, script=_SCRIPT)
     return page.encode("utf-8"), nonce
+
+
+###############################################################################
+# Read API ####################################################################
+###############################################################################
+
+#: Readings returned by /api/readings by default and at most.
+API_LIMIT, API_MAX_LIMIT = 1000, 100_000
 
 
 def _json(obj):
     return (json.dumps(obj, allow_nan=False, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
-def iso_ms(ms):
-    """ISO-8601 UTC with milliseconds, as the read API writes times."""
-    return iso_utc(ms)[:-1] + ".%03dZ" % (ms % 1000)
-
-
 def render_latest(store, now):
     """/api/latest: every station with its role, last-seen time and latest value per field."""
-    with store.reader() as conn:
-        stations = [store.latest(conn, s) for s in store.station_list(conn)]
+    with store.snapshot() as snap:
+        stations = [snap.latest(s) for s in snap.stations]
     return _json({"generated": iso_ms(now), "stations": [{
         "mac": s["mac"], "name": s["name"], "role": s["role"],
         "last_seen": iso_ms(s["last_seen"]) if s["last_seen"] else None,
@@ -1118,20 +1319,6 @@ def render_latest(store, now):
     } for s in stations]})
 
 
-def parse_time(name, text, zone=None):
-    """Epoch ms from ISO 8601 or ThingSpeak's '2026-07-01 12:00:00'; no offset means ``zone`` (UTC)."""
-    stamp = text.strip().replace(" ", "T", 1)
-    if stamp[-1:] in ("Z", "z"):
-        stamp = stamp[:-1] + "+00:00"
-    try:
-        when = datetime.datetime.fromisoformat(stamp)
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=zone or datetime.timezone.utc)
-        return int(when.timestamp() * 1000)
-    except (ValueError, OverflowError, OSError):
-        raise HTTPError(400, "%s must be an ISO-8601 time such as 2026-07-01T12:00:00Z" % name) from None
-
-
 def parse_readings_query(query, now):
     """The parameters of /api/readings: mac, field, since, until, limit, format."""
     allowed = ("mac", "field", "since", "until", "limit", "format", "key")
@@ -1139,34 +1326,34 @@ def parse_readings_query(query, now):
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=len(allowed) + 1,
                                        errors="strict")
     except (ValueError, UnicodeDecodeError):
-        raise HTTPError(400, "query string is malformed or too long") from None
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "query string is malformed or too long") from None
     params = {}
     for name, value in pairs:
         if name not in allowed:
-            raise HTTPError(400, "unknown parameter %r; use %s" % (name[:20], ", ".join(allowed[:-1])))
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "unknown parameter %r; use %s" % (name[:20], ", ".join(allowed[:-1])))
         if name in params:
-            raise HTTPError(400, "%s is given twice" % name)
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "%s is given twice" % name)
         params[name] = value
     out = {"mac": None, "field": None, "format": params.get("format", "json")}
     if "mac" in params:
         try:
             out["mac"] = parse_mac(params["mac"])
         except ValueError as exc:
-            raise HTTPError(400, str(exc)) from None
+            raise HTTPError(HTTPStatus.BAD_REQUEST, str(exc)) from None
     if "field" in params:
         if not _FIELD_RE.fullmatch(params["field"]):
-            raise HTTPError(400, "field must be a whole number from 1 to 8")
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "field must be a whole number from 1 to 8")
         out["field"] = int(params["field"])
     out["until"] = parse_time("until", params["until"]) if "until" in params else now + 1
     out["since"] = parse_time("since", params["since"]) if "since" in params else out["until"] - CHART_MS
     if out["since"] >= out["until"]:
-        raise HTTPError(400, "since must be before until")
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "since must be before until")
     limit = params.get("limit", str(API_LIMIT))
     if not re.fullmatch(r"[0-9]{1,7}", limit, re.ASCII) or not 1 <= int(limit) <= API_MAX_LIMIT:
-        raise HTTPError(400, "limit must be a whole number from 1 to %d" % API_MAX_LIMIT)
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "limit must be a whole number from 1 to %d" % API_MAX_LIMIT)
     out["limit"] = int(limit)
     if out["format"] not in ("json", "csv"):
-        raise HTTPError(400, "format must be json or csv")
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "format must be json or csv")
     return out
 
 
@@ -1177,12 +1364,11 @@ def _csv_cell(text):
 
 def render_readings(store, query):
     """/api/readings as (body, content type)."""
-    with store.reader() as conn:
-        stations = store.station_list(conn)
-        ids = [s["id"] for s in stations if query["mac"] in (None, s["mac"])]
+    with store.snapshot() as snap:
+        ids = [s["id"] for s in snap.stations if query["mac"] in (None, s["mac"])]
         if query["mac"] and not ids:
-            raise HTTPError(404, "no station with mac %s" % query["mac"])
-        rows = store.readings(conn, ids, query["field"], query["since"], query["until"], query["limit"]) if ids else []
+            raise HTTPError(HTTPStatus.NOT_FOUND, "no station with mac %s" % query["mac"])
+        rows = snap.readings(ids, query["field"], query["since"], query["until"], query["limit"]) if ids else []
     if query["format"] == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\r\n")
@@ -1205,8 +1391,12 @@ def render_readings(store, query):
 TS_RESULTS, TS_MAX_RESULTS = 100, 8000
 #: Largest POST body accepted on /update.
 MAX_BODY = 16 * 1024
+#: A bulk write: entries per call and body size at most (ThingSpeak takes 960 entries a call).
+MAX_BULK_ENTRIES = 960
+MAX_BULK_BODY = 128 * 1024
 _TS_FIELD_RE = re.compile(r"field([1-8])", re.ASCII)
-_TS_IGNORED = ("lat", "long", "elevation", "status", "twitter", "tweet", "talkback_key")
+#: Members of a bulk entry that ThingSpeak stores and iotserver accepts and ignores.
+_BULK_IGNORED = ("status", "latitude", "longitude", "elevation")
 
 
 def _ts_value(value):
@@ -1223,7 +1413,7 @@ def _ts_zone(params):
     try:
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise HTTPError(400, "timezone %r is not a known time zone" % name[:40]) from None
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "timezone %r is not a known time zone" % name[:40]) from None
 
 
 def _ts_time(ms, zone, csv_style=False):
@@ -1250,10 +1440,10 @@ def parse_ts_params(query, body=b"", content_type=""):
             pairs += urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=40,
                                             errors="strict")
     except (ValueError, UnicodeDecodeError):
-        raise HTTPError(400, "parameters are malformed (send a form, JSON object or query string)") from None
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "parameters are malformed (send a form, JSON object or query string)") from None
     for name, value in pairs:
         if name in params and params[name] != value:
-            raise HTTPError(400, "%s is given twice" % name[:20])
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "%s is given twice" % name[:20])
         params[name] = value
     return params
 
@@ -1267,22 +1457,116 @@ def parse_ts_write(params):
             try:
                 values.append((int(match.group(1)), parse_value(text)))
             except ValueError as exc:
-                raise HTTPError(400, "%s: %s" % (name, str(exc).replace("data ", "", 1))) from None
+                raise HTTPError(HTTPStatus.BAD_REQUEST, "%s: %s" % (name, str(exc).replace("data ", "", 1))) from None
     if not values:
-        raise HTTPError(400, "no field1 ... field8 with a value")
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "no field1 ... field8 with a value")
     when = None
     if params.get("created_at"):
-        when = parse_time("created_at", params["created_at"], _ts_zone(params))
-        if when > now_ms() + 300_000:
-            raise HTTPError(400, "created_at is in the future")
+        when = check_time("created_at", parse_time("created_at", params["created_at"], _ts_zone(params)))
     return sorted(values), when
 
 
-def _ts_entries(conn, station_id, field, params, zone, now):
+def _bulk_time(text, zone=None):
+    """Epoch ms from a bulk entry's time: epoch seconds, ISO 8601, or '2026-07-01 12:00:00 -0500'."""
+    text = str(text).strip()
+    if re.fullmatch(r"[0-9]{1,12}(?:\.[0-9]{1,3})?", text, re.ASCII):
+        return round(float(text) * 1000)
+    return parse_time("created_at", text, zone)
+
+
+def _bulk_delta(text):
+    """Milliseconds from a delta_t (seconds since the previous entry)."""
+    text = str(text).strip()
+    if not re.fullmatch(r"[0-9]{1,9}(?:\.[0-9]{1,3})?", text, re.ASCII):
+        raise ValueError("delta_t must be a number of seconds such as 60")
+    return round(float(text) * 1000)
+
+
+def parse_bulk(body, content_type, now):
+    """A bulk write's (write key or None, [(ms, [(field, value)])]), all entries checked; HTTPError names the first bad one.
+
+    The JSON form is ``{"write_api_key", "updates": [{"created_at" | "delta_t", "field1".., ...}]}``;
+    the form-encoded (CSV) one is ``write_api_key, time_format=absolute|relative,
+    updates=T,f1,..,f8[,lat,long,elevation,status]|...``. A relative time (delta_t) counts
+    from the entry before; the last entry of a run of relative ones is placed now.
+    """
+    kind = content_type.split(";")[0].strip().lower()
+    try:
+        if kind == "application/json":
+            data = json.loads(body.decode("utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("updates"), list):
+                raise ValueError("send a JSON object with an updates list")
+            key, rows = data.get("write_api_key"), data["updates"]
+        else:
+            form = dict(urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=8,
+                                               errors="strict", strict_parsing=True))
+            if form.get("time_format") not in ("absolute", "relative") or "updates" not in form:
+                raise ValueError("send write_api_key, time_format=absolute or relative, and updates")
+            relative = form["time_format"] == "relative"
+            key, rows = form.get("write_api_key"), []
+            for line in form["updates"].split("|"):
+                cells = line.split(",")
+                row = {"delta_t" if relative else "created_at": cells[0]}
+                row.update(("field%d" % n, cell) for n, cell in enumerate(cells[1:9], start=1) if cell != "")
+                rows.append(row)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        message = str(exc) if str(exc).startswith("send") else "the body is not valid %s" % (
+            "JSON" if kind == "application/json" else "form data")
+        raise HTTPError(HTTPStatus.BAD_REQUEST, message) from None
+    if key is not None and not isinstance(key, str):
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "write_api_key must be text")
+    if not rows:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "updates is empty")
+    if len(rows) > MAX_BULK_ENTRIES:
+        raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "at most %d entries a call" % MAX_BULK_ENTRIES)
+    times, deltas, entries = [], [], []
+    for number, row in enumerate(rows, start=1):
+        try:
+            if not isinstance(row, dict):
+                raise ValueError("must be an object")
+            values = []
+            for name, text in row.items():
+                match = _TS_FIELD_RE.fullmatch(name)
+                if match and text is not None and text != "":
+                    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+                        raise ValueError("%s must be a number" % name)
+                    try:
+                        values.append((int(match.group(1)), parse_value(str(text))))
+                    except ValueError as exc:
+                        raise ValueError("%s: %s" % (name, str(exc).replace("data ", "", 1))) from None
+                elif not match and name not in ("created_at", "delta_t") + _BULK_IGNORED:
+                    raise ValueError("unknown member %r" % name[:20])
+            if not values:
+                raise ValueError("no field1 ... field8 with a value")
+            if ("created_at" in row) == ("delta_t" in row):
+                raise ValueError("give created_at or delta_t")
+            times.append(_bulk_time(row["created_at"]) if "created_at" in row else None)
+            deltas.append(_bulk_delta(row["delta_t"]) if "delta_t" in row else None)
+            entries.append(sorted(values))
+        except (ValueError, HTTPError) as exc:
+            reason = exc.message if isinstance(exc, HTTPError) else str(exc)
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "entry %d: %s" % (number, reason)) from None
+    for i in range(1, len(times)):  # a relative time after a known one counts forward
+        if times[i] is None and times[i - 1] is not None:
+            times[i] = times[i - 1] + deltas[i]
+    if times[-1] is None:
+        times[-1] = now
+    for i in range(len(times) - 2, -1, -1):  # and one before a known one counts back
+        if times[i] is None:
+            times[i] = times[i + 1] - deltas[i + 1]
+    for number, ms in enumerate(times, start=1):
+        try:
+            check_time("created_at", ms, now)
+        except HTTPError as exc:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "entry %d: %s" % (number, exc.message)) from None
+    return key, list(zip(times, entries))
+
+
+def _ts_entries(snap, station_id, field, params, zone, now):
     """The entries a feed request asks for, oldest first: [(entry id, ms, {field: value})]."""
     results = params.get("results", "")
     if results and (not re.fullmatch(r"[0-9]{1,6}", results, re.ASCII) or int(results) > TS_MAX_RESULTS):
-        raise HTTPError(400, "results must be a whole number from 0 to %d" % TS_MAX_RESULTS)
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "results must be a whole number from 0 to %d" % TS_MAX_RESULTS)
     limit = int(results) if results else TS_RESULTS
     since, until = 0, now + 1
     for name, unit in (("days", 86_400_000), ("minutes", 60_000)):
@@ -1292,31 +1576,19 @@ def _ts_entries(conn, station_id, field, params, zone, now):
             except ValueError:
                 amount = -1
             if not 0 < amount < 1e6:
-                raise HTTPError(400, "%s must be a positive number" % name)
+                raise HTTPError(HTTPStatus.BAD_REQUEST, "%s must be a positive number" % name)
             since = max(since, now - int(amount * unit))
     if params.get("start"):
         since = max(since, parse_time("start", params["start"], zone))
     if params.get("end"):
         until = parse_time("end", params["end"], zone) + 1
-    sql = ("SELECT coalesce(entry, id), ts, field, value FROM readings WHERE station_id = ? AND ts >= ? "
-           "AND ts < ?%s ORDER BY ts DESC, id DESC LIMIT ?" % (" AND field = ?" if field else ""))
-    args = [station_id, since, until] + ([field] if field else []) + [limit * 8]
-    entries = collections.OrderedDict()
-    for entry, ts, f, value in conn.execute(sql, args):
-        if entry not in entries:
-            if len(entries) == limit:
-                break
-            entries[entry] = (ts, {})
-        entries[entry][1][f] = value
-    return [(entry, ts, values) for entry, (ts, values) in reversed(entries.items())]
+    return snap.entries(station_id, field, since, until, limit)
 
 
-def _ts_channel(store, conn, station, now, zone):
+def _ts_channel(snap, station, zone):
     """The 'channel' object of a ThingSpeak feed."""
-    store.latest(conn, station)
-    last = conn.execute("SELECT max(coalesce(entry, id)) FROM readings WHERE station_id = ?",
-                        (station["id"],)).fetchone()[0]
-    created = conn.execute("SELECT created_at FROM stations WHERE id = ?", (station["id"],)).fetchone()[0]
+    snap.latest(station)
+    last, created = snap.channel_facts(station["id"])
     channel = {"id": station["id"], "name": station["name"],
                "description": "iotserver station %s" % station["mac"], "latitude": "0.0", "longitude": "0.0"}
     for n in sorted(station["fields"]):
@@ -1330,15 +1602,15 @@ def render_ts_read(store, channel_id, what, field, fmt, params):
     """Answer /channels/ID/...: feeds, a field's feed, last entries, last data age."""
     now = now_ms()
     zone = _ts_zone(params)
-    with store.reader() as conn:
-        station = next((s for s in store.station_list(conn) if s["id"] == channel_id), None)
+    with store.snapshot() as snap:
+        station = snap.station(channel_id)
         if station is None:
-            raise HTTPError(404, "no channel %d" % channel_id)
+            raise HTTPError(HTTPStatus.NOT_FOUND, "no channel %d" % channel_id)
         if what == "view":
-            return _json(_ts_channel(store, conn, station, now, zone)), "application/json"
+            return _json(_ts_channel(snap, station, zone)), "application/json"
         last = what in ("last", "age")
-        entries = _ts_entries(conn, channel_id, field, dict(params, results="1") if last else params, zone, now)
-        channel = _ts_channel(store, conn, station, now, zone) if not last else None
+        entries = _ts_entries(snap, channel_id, field, dict(params, results="1") if last else params, zone, now)
+        channel = _ts_channel(snap, station, zone) if not last else None
     fields = [field] if field else sorted({f for _, _, values in entries for f in values} |
                                           ({int(k[5:]) for k in channel if k[:5] == "field"} if channel else set()))
 
@@ -1349,7 +1621,7 @@ def render_ts_read(store, channel_id, what, field, fmt, params):
 
     if what == "age":
         if not entries:
-            raise HTTPError(404, "no readings yet")
+            raise HTTPError(HTTPStatus.NOT_FOUND, "no readings yet")
         age = str(max(0, (now - entries[0][1]) // 1000))
         if fmt == "json":
             return _json({"last_data_age": age, "last_data_age_units": "s"}), "application/json"
@@ -1357,10 +1629,10 @@ def render_ts_read(store, channel_id, what, field, fmt, params):
     if last:
         if not entries:
             # ThingSpeak answers -1; the 404 lets a careful script tell it from a reading of -1
-            raise HTTPError(404, "-1")
+            raise HTTPError(HTTPStatus.NOT_FOUND, "-1")
         if fmt == "txt":
-            return _ts_value(entries[0][2][field]).encode() if field else _json(feed(*entries[0])), \
-                "text/plain; charset=utf-8"
+            text = _ts_value(entries[0][2][field]).encode() if field else _json(feed(*entries[0]))
+            return text, "text/plain; charset=utf-8"
         if fmt == "json":
             return _json(feed(*entries[0])), "application/json"
     if fmt == "csv":
@@ -1374,50 +1646,11 @@ def render_ts_read(store, channel_id, what, field, fmt, params):
     return _json({"channel": channel, "feeds": [feed(*e) for e in entries]}), "application/json"
 
 
-_TS_READ_RE = re.compile(
-    r"/channels/([0-9]{1,9})(?:(?P<feeds>/feeds)(?P<feedlast>/last)?|/fields/(?P<field>[1-8])"
-    r"(?P<last>/last|/last_data_age)?)?(?:\.(?P<fmt>json|csv|txt))?", re.ASCII)
-
-
 ###############################################################################
 # HTTP handler ################################################################
 ###############################################################################
-
-_CONTROL_CHARS = {c: "\\x%02x" % c for c in list(range(0x20)) + [0x7F]}
-_KEY_IN_TEXT_RE = re.compile(r"((?:api_)?key=)[^/&\s\"]*", re.I)
-
-
-_DATE = [0, ""]
-
-
-def _http_date():
-    """The Date header, formatted once a second rather than once a request."""
-    now = int(time.time())
-    if _DATE[0] != now:
-        _DATE[:] = [now, email.utils.formatdate(now, usegmt=True)]
-    return _DATE[1]
-
-
-def _plain_ip(text):
-    """An IP address in canonical form (IPv4-mapped IPv6 as IPv4), or '' if ``text`` is none."""
-    try:
-        address = ipaddress.ip_address(text.strip())
-    except ValueError:
-        return ""
-    mapped = getattr(address, "ipv4_mapped", None)
-    return str(mapped or address)
-
-
-def log(message, key=None):
-    """The one place iotserver logs: a line to stderr (the journal), keys redacted, control characters escaped."""
-    sys.stderr.write(redact(message, key).translate(_CONTROL_CHARS) + "\n")
-
-
-def redact(text, key=None):
-    """Hide every API key in a log line."""
-    if key:
-        text = text.replace(key, "[redacted]")
-    return _KEY_IN_TEXT_RE.sub(r"\1[redacted]", text)
+# The plumbing: read a request, find its row in ROUTES (the next section), check the
+# caller, run the route, write the answer. Errors come back from routes as values.
 
 
 class Response:
@@ -1432,13 +1665,30 @@ class Response:
         self.headers = list(headers)
 
 
-#: ThingSpeak's write paths (GET with a query, or POST with a form or JSON).
-_TS_UPDATE = ("/update", "/update.json")
-#: GET/HEAD paths other than /update, and the Handler method answering each.
-_PAGES = {"/": "_page", "/api/latest": "_latest", "/api/readings": "_readings",
-          "/api/readings.json": "_readings", "/api/readings.csv": "_readings"}
-_API_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
-                ("Access-Control-Allow-Origin", "*")]
+class Route:
+    """One row of the URL table: the path it answers, its methods, its function, who may call it."""
+
+    __slots__ = ("path", "methods", "handler", "auth")
+
+    def __init__(self, path, methods, handler, auth=None):
+        self.path = path  # an exact path, or a compiled pattern the whole path must match
+        self.methods = tuple(methods.split())
+        self.handler = handler  # handler(req, match) -> Response; raises HTTPError
+        self.auth = auth  # auth(req, match) raises HTTPError when the caller may not; None: the route checks
+
+    def match(self, path):
+        """A match object (or the path) when this row answers ``path``, else None."""
+        if isinstance(self.path, str):
+            return path if path == self.path else None
+        return self.path.fullmatch(path)
+
+
+def _split_target(target):
+    """(path, query) of a request target, without scheme or host."""
+    if target.startswith(("http://", "https://")):
+        target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+    path, _, query = target.partition("?")
+    return path, query
 
 
 class _LineReader:
@@ -1466,7 +1716,7 @@ class _LineReader:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Answers stations, browsers and uptime monitors."""
+    """Answers stations, browsers and uptime monitors: one request at a time per connection."""
 
     server_version = "iotserver/" + __version__
     sys_version = ""
@@ -1489,10 +1739,10 @@ class Handler(BaseHTTPRequestHandler):
         with contextlib.suppress(OSError):
             super().finish()
 
-    # -- dispatch --
+    # -- reading a request and dispatching it --
 
     def handle_one_request(self):
-        """Read one request and dispatch by method name; unknown methods get 405, not 501."""
+        """Read one request, find its route, answer it; any method a route lacks gets 405, not 501."""
         try:
             self._phase = "idle"
             self.raw_requestline = self.rfile.readline(65537)
@@ -1518,11 +1768,8 @@ class Handler(BaseHTTPRequestHandler):
             if self.request_version == "HTTP/0.9":
                 self.request_version = "HTTP/1.0"  # answer with a status line all the same
             self._body_read = False
-            method = getattr(self, "do_" + self.command, None)
-            if method is None:
-                self._send(self._method_not_allowed())
-            else:
-                method()
+            self.target, self.query = _split_target(self.path)
+            self._send(self._safely(self._dispatch))
             self.wfile.flush()
         except TimeoutError as exc:
             self.log_error("request timed out: %r", exc)
@@ -1538,41 +1785,23 @@ class Handler(BaseHTTPRequestHandler):
             if self.server.stopping or self._dropped:
                 self.close_connection = True
 
-    def do_GET(self):
-        self._send(self._safely(self._route))
-
-    def do_HEAD(self):
-        self._send(self._safely(self._route))
-
-    def do_POST(self):
-        path, query = self._target()
-        if path not in _TS_UPDATE:
-            return self._send(self._method_not_allowed())
-        self._send(self._safely(lambda: self._ts_update(path, query, self._body())))
-
-    def do_PUT(self):
-        self._send(self._method_not_allowed())
-
-    do_DELETE = do_PATCH = do_OPTIONS = do_PUT
-
-    def _target(self):
-        """(path, query) of the request, without scheme or host."""
-        target = self.path
-        if target.startswith(("http://", "https://")):
-            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
-        path, _, query = target.partition("?")
-        return path, query
-
-    def _path(self):
-        return self._target()[0]
-
-    def _method_not_allowed(self):
-        path = self._path()
-        if path in _PAGES or path in _TS_UPDATE or path.startswith("/update/") or _TS_READ_RE.fullmatch(path):
-            allow = "GET" if path.startswith("/update/") else "GET, POST" if path in _TS_UPDATE else "GET, HEAD"
-            return HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "method %s not allowed here; use %s"
-                             % (self.command[:16], allow), [("Allow", allow)])
-        return HTTPError(HTTPStatus.NOT_FOUND, "no such page")
+    def _dispatch(self):
+        """Run the row of ROUTES that answers this path and method, after its access check."""
+        allowed = []
+        for route in ROUTES:
+            match = route.match(self.target)
+            if match is None:
+                continue
+            if self.command in route.methods:
+                if route.auth:
+                    route.auth(self, match)
+                return route.handler(self, match)
+            allowed += [m for m in route.methods if m not in allowed]
+        if allowed:
+            allow = ", ".join(allowed)
+            raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "method %s not allowed here; use %s"
+                            % (self.command[:16], allow), [("Allow", allow)])
+        raise HTTPError(HTTPStatus.NOT_FOUND, "no such page")
 
     def _safely(self, route):
         """Run a route; every error comes back as a value, none as a traceback to the client."""
@@ -1580,6 +1809,8 @@ class Handler(BaseHTTPRequestHandler):
             return route()
         except HTTPError as exc:
             return exc
+        except Refused as exc:
+            return HTTPError(HTTPStatus.FORBIDDEN, str(exc))
         except MemoryError:
             raise
         except sqlite3.Error as exc:
@@ -1590,31 +1821,15 @@ class Handler(BaseHTTPRequestHandler):
             self.log_error("internal error:\n%s", traceback.format_exc())
             return HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
 
-    def _route(self):
-        """Find the route for a GET or HEAD."""
-        path, query = self._target()
-        if path in _PAGES:
-            if not (path == "/" and self.command == "HEAD"):  # uptime monitors need no key
-                self._authorize(query)
-            return getattr(self, _PAGES[path])(path, query)
-        if path in _TS_UPDATE or path.startswith("/update/"):
-            if self.command == "HEAD":
-                return HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "use GET to post a reading", [("Allow", "GET")])
-            return self._ts_update(path, query, b"") if path in _TS_UPDATE else self._update(path)
-        match = _TS_READ_RE.fullmatch(path)
-        if match:
-            return self._ts_read(match, query)
-        return HTTPError(HTTPStatus.NOT_FOUND, "no such page")
-
-    def _body(self):
-        """The request body (a ThingSpeak form or JSON), at most MAX_BODY bytes."""
+    def read_body(self, limit=MAX_BODY):
+        """The request body (a form or JSON), at most ``limit`` bytes."""
         if "Transfer-Encoding" in self.headers:
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
         length = self.headers.get("Content-Length", "0").strip()
         if not re.fullmatch(r"[0-9]{1,9}", length, re.ASCII):
-            raise HTTPError(400, "Content-Length is not a number")
-        if int(length) > MAX_BODY:
-            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body is larger than %d bytes" % MAX_BODY)
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number")
+        if int(length) > limit:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body is larger than %d bytes" % limit)
         self._phase = "reading"  # a body trickled in byte by byte is cut off like slow headers
         try:
             body = self.rfile.read(int(length))
@@ -1624,16 +1839,14 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self._phase = "busy"
         if self._dropped:
-            raise HTTPError(400, "body too slow")
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "body too slow")
         if len(body) != int(length):
             self.close_connection = True
-            raise HTTPError(400, "body is shorter than its Content-Length")
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "body is shorter than its Content-Length")
         self._body_read = True
         return body
 
-    # -- routes --
-
-    def _check_key(self, valid, message, headers=()):
+    def check_key(self, valid, message, headers=()):
         """The wrong-key throttle: 429 while this address is throttled; a wrong key counts and gets 401.
 
         ``valid()`` checks the key (in constant time) and returns what the caller needs.
@@ -1649,121 +1862,6 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(HTTPStatus.UNAUTHORIZED, message, headers)
         return result
 
-    def _update(self, path):
-        """Store one reading from a station."""
-        server = self.server
-        key, mac, field, value = parse_update(path)
-        self._check_key(lambda: hmac.compare_digest(key, server.api_key().encode()), "wrong API key")
-        wait = server.buckets.take(mac)
-        if wait:
-            raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "station %s is posting too often" % mac,
-                            _retry_after(wait))
-        try:
-            server.store.add_reading(mac, field, value, max_stations=server.max_stations)
-        except Refused as exc:
-            raise HTTPError(HTTPStatus.FORBIDDEN, str(exc)) from None
-        return Response(b"stored\n")
-
-    def _authorize(self, query):
-        """With --private, the page and read API need the key: HTTP Basic password or ?key=."""
-        server = self.server
-        if not server.private:
-            return
-        given = None
-        auth = self.headers.get("Authorization", "")
-        if auth[:6].lower() == "basic ":
-            with contextlib.suppress(ValueError):
-                given = base64.b64decode(auth[6:].strip(), validate=True).partition(b":")[2]
-        for name, value in urllib.parse.parse_qsl(query, max_num_fields=20, errors="replace"):
-            if name == "key":
-                given = value.encode("utf-8", "replace")
-        message = "this server is private: log in with the API key as password"
-        challenge = [("WWW-Authenticate", 'Basic realm="iotserver", charset="UTF-8"')]
-        if given is None:  # the browser's first try: ask for the password, count nothing
-            raise HTTPError(HTTPStatus.UNAUTHORIZED, message, challenge)
-        self._check_key(lambda: hmac.compare_digest(given, server.api_key().encode()), message, challenge)
-
-    def _page(self, path, query):
-        """The phone page."""
-        server = self.server
-        host = self.headers.get("Host", "")
-        if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,255}", host, re.ASCII):
-            host = "%s:%d" % server.server_address[:2]
-        scheme = "https" if self.headers.get("X-Forwarded-Proto") == "https" and self._from_proxy() else "http"
-        fragment = ("fragment", "1") in urllib.parse.parse_qsl(query, max_num_fields=20, errors="replace")
-        body, nonce = render_page(server.store, server.view, now_ms(), "%s://%s/" % (scheme, host),
-                                  server.api_key(), server.refresh, fragment)
-        return Response(body, content_type="text/html; charset=utf-8", headers=[
-            ("Content-Security-Policy", "default-src 'none'; style-src 'nonce-%s'; script-src 'nonce-%s'; "
-             "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
-             "frame-ancestors 'none'" % (nonce, nonce)),
-            ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
-            ("Referrer-Policy", "no-referrer")])
-
-    def _latest(self, path, query):
-        """GET /api/latest"""
-        return Response(render_latest(self.server.store, now_ms()), content_type="application/json",
-                        headers=_API_HEADERS)
-
-    def _readings(self, path, query):
-        """GET /api/readings[.json|.csv]?mac=&field=&since=&until=&limit=&format="""
-        params = parse_readings_query(query, now_ms())
-        if path.endswith(".csv"):
-            params["format"] = "csv"
-        body, content_type = render_readings(self.server.store, params)
-        return Response(body, content_type=content_type, headers=_API_HEADERS)
-
-    def _from_proxy(self):
-        return bool(self.client_address) and _plain_ip(self.client_address[0]) in self.server.trusted_proxies
-
-    def _ts_update(self, path, query, body):
-        """ThingSpeak's write: /update or /update.json with a channel's write key."""
-        server = self.server
-        params = parse_ts_params(query, body, self.headers.get("Content-Type", ""))
-        key = params.get("api_key") or self.headers.get("X-THINGSPEAKAPIKEY") or self.headers.get("THINGSPEAKAPIKEY")
-        if not key:
-            raise HTTPError(HTTPStatus.UNAUTHORIZED, "api_key missing: a channel's write key (see --channel-key)")
-        found = self._check_key(lambda: server.store.station_for_write_key(key.encode("utf-8", "replace")),
-                                "wrong write API key")
-        values, when = parse_ts_write(params)
-        mac, channel = found
-        wait = server.buckets.take(mac)
-        if wait:  # ThingSpeak's clients read 0 as "not inserted"
-            return Response(b"0", headers=_retry_after(wait))
-        try:
-            entry = server.store.add_entry(mac, values, server.max_stations, when)
-        except Refused as exc:
-            raise HTTPError(HTTPStatus.FORBIDDEN, str(exc)) from None
-        if not path.endswith(".json"):
-            return Response(str(entry).encode())
-        stored = dict(values)
-        answer = {"channel_id": channel, "created_at": _ts_time(when or now_ms(), None), "entry_id": entry}
-        answer.update(("field%d" % f, _ts_value(stored[f]) if f in stored else None) for f in range(1, 9))
-        answer.update(latitude=None, longitude=None, elevation=None, status=None)
-        return Response(_json(answer), content_type="application/json")
-
-    def _ts_read(self, match, query):
-        """ThingSpeak's reads under /channels/ID."""
-        server = self.server
-        params = parse_ts_params(query)
-        last = match.group("last") or match.group("feedlast")
-        fmt = match.group("fmt") or ("txt" if last else "json")
-        what = ("age" if last == "/last_data_age" else "last" if last else
-                "feed" if match.group("feeds") or match.group("field") else "view")
-        if fmt == "txt" and what not in ("last", "age") or fmt == "csv" and what == "view":
-            raise HTTPError(HTTPStatus.NOT_FOUND, "no such page (use .json or .csv)")
-        channel = int(match.group(1))
-        if server.private:  # the server key, or this channel's write key, reads
-            given = params.get("api_key", "").encode()
-            self._check_key(lambda: hmac.compare_digest(given, server.api_key().encode())
-                            or (server.store.station_for_write_key(given) or (None, None))[1] == channel,
-                            "this channel is private: send api_key")
-        body, content_type = render_ts_read(server.store, channel, what, int(match.group("field") or 0) or None,
-                                            fmt, params)
-        return Response(body, content_type=content_type, headers=_API_HEADERS)
-
-    # -- answering --
-
     def client_ip(self):
         """The client's address: the TCP peer, or the X-Real-IP a trusted proxy (nginx) sent."""
         peer = self._peer
@@ -1774,29 +1872,23 @@ class Handler(BaseHTTPRequestHandler):
                 return _plain_ip(real) or peer
         return peer
 
+    def from_proxy(self):
+        """True when the TCP peer is a trusted reverse proxy."""
+        return bool(self.client_address) and _plain_ip(self.client_address[0]) in self.server.trusted_proxies
+
+    # -- answering --
+
     def _send(self, response):
+        """Write a route's Response, or an HTTPError as a short plain-text answer."""
         if isinstance(response, HTTPError):
             body = ("%d %s\n" % (response.status, response.message)).encode("utf-8", "replace")
             response = Response(body, response.status, headers=response.headers)
-        if (self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers) \
-                and not self._body_read:
+        unread = self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers
+        if (unread and not self._body_read) or self.server.stopping:
             # an unread request body would be parsed as the next request
             self.close_connection = True
-        if self.server.stopping:
-            self.close_connection = True
         self.log_request(response.status, len(response.body))
-        self.send_response_only(response.status)
-        self.send_header("Server", self.version_string())
-        self.send_header("Date", _http_date())
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
-        for name, value in response.headers:
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
+        self._write(response.status, response.body, response.content_type, response.headers)
 
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server itself: short plain text, never 5xx for client input."""
@@ -1811,16 +1903,24 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         try:
             self.log_message("%s %d %s", self.requestline[:200], code, text)  # log() redacts
-            body = ("%d %s\n" % (code, text)).encode("utf-8", "replace")
-            self.send_response_only(code)
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+            self._write(code, ("%d %s\n" % (code, text)).encode("utf-8", "replace"))
         except OSError:
             pass
+
+    def _write(self, status, body, content_type="text/plain; charset=utf-8", headers=()):
+        """Status line, headers and body (none for HEAD): the one place an answer is written."""
+        self.send_response_only(status)
+        self.send_header("Server", self.version_string())
+        self.send_header("Date", _http_date())
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def version_string(self):
         return self.server_version
@@ -1839,6 +1939,188 @@ class Handler(BaseHTTPRequestHandler):
 
 
 ###############################################################################
+# Routes ######################################################################
+###############################################################################
+# What each URL does. Every route is a function (req, match) -> Response, where req
+# is the Handler; ROUTES at the end of this section is the whole URL space.
+
+_API_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                ("Access-Control-Allow-Origin", "*")]
+
+
+def read_access(req, match):
+    """With --private, the page and read API need the key: HTTP Basic password or ?key=."""
+    server = req.server
+    if not server.private or (req.command == "HEAD" and req.target == "/"):  # uptime monitors need no key
+        return
+    given = None
+    auth = req.headers.get("Authorization", "")
+    if auth[:6].lower() == "basic ":
+        with contextlib.suppress(ValueError):
+            given = base64.b64decode(auth[6:].strip(), validate=True).partition(b":")[2]
+    for name, value in urllib.parse.parse_qsl(req.query, max_num_fields=20, errors="replace"):
+        if name == "key":
+            given = value.encode("utf-8", "replace")
+    message = "this server is private: log in with the API key as password"
+    challenge = [("WWW-Authenticate", 'Basic realm="iotserver", charset="UTF-8"')]
+    if given is None:  # the browser's first try: ask for the password, count nothing
+        raise HTTPError(HTTPStatus.UNAUTHORIZED, message, challenge)
+    req.check_key(lambda: hmac.compare_digest(given, server.api_key().encode()), message, challenge)
+
+
+def channel_access(req, match):
+    """With --private, a ThingSpeak read needs the server key or that channel's write key."""
+    server = req.server
+    if not server.private:
+        return
+    given = parse_ts_params(req.query).get("api_key", "").encode()
+    channel = int(match.group(1))
+    req.check_key(lambda: hmac.compare_digest(given, server.api_key().encode())
+                  or (server.store.station_for_write_key(given) or (None, None))[1] == channel,
+                  "this channel is private: send api_key")
+
+
+def on_station_update(req, match):
+    """GET /update/API_key=KEY/mac=MAC/field=N/data=VALUE: store one reading from a station."""
+    server = req.server
+    key, mac, field, value = parse_update(req.target)
+    req.check_key(lambda: hmac.compare_digest(key, server.api_key().encode()), "wrong API key")
+    wait = server.buckets.take(mac)
+    if wait:
+        raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "station %s is posting too often" % mac, _retry_after(wait))
+    server.store.add_reading(mac, field, value, max_stations=server.max_stations)
+    return Response(b"stored\n")
+
+
+def _store_bulk(req, mac, entries):
+    """Store a bulk write's entries (one token of the station's rate limit) and answer as ThingSpeak does."""
+    server = req.server
+    wait = server.buckets.take(mac)
+    if wait:
+        raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "station %s is posting too often" % mac, _retry_after(wait))
+    server.store.add_entries(mac, entries, server.max_stations)
+    return Response(_json({"success": True}), HTTPStatus.ACCEPTED, "application/json")
+
+
+def on_station_bulk(req, match):
+    """POST /update/API_key=KEY/mac=MAC: a station's buffered entries, with their measurement times."""
+    server = req.server
+    key, mac = parse_station(req.target)
+    body = req.read_body(MAX_BULK_BODY)
+    req.check_key(lambda: hmac.compare_digest(key, server.api_key().encode()), "wrong API key")
+    _, entries = parse_bulk(body, req.headers.get("Content-Type", ""), now_ms())
+    return _store_bulk(req, mac, entries)
+
+
+def on_ts_bulk(req, match):
+    """POST /channels/ID/bulk_update.json or .csv: ThingSpeak's bulk write with the channel's write key."""
+    server = req.server
+    kind = "application/json" if match.group(2) == "json" else "application/x-www-form-urlencoded"
+    key, entries = parse_bulk(req.read_body(MAX_BULK_BODY), kind, now_ms())
+    if not key:
+        raise HTTPError(HTTPStatus.UNAUTHORIZED, "write_api_key missing: the channel's write key (see --channel-key)")
+    channel = int(match.group(1))
+
+    def valid():
+        found = server.store.station_for_write_key(key.encode("utf-8", "replace"))
+        return found if found and found[1] == channel else None
+
+    mac, _ = req.check_key(valid, "wrong write API key for channel %d" % channel)
+    return _store_bulk(req, mac, entries)
+
+
+def on_page(req, match):
+    """GET / (and ?fragment=1, what the open page fetches to refresh itself)."""
+    server = req.server
+    host = req.headers.get("Host", "")
+    if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,255}", host, re.ASCII):
+        host = "%s:%d" % server.server_address[:2]
+    scheme = "https" if req.headers.get("X-Forwarded-Proto") == "https" and req.from_proxy() else "http"
+    fragment = ("fragment", "1") in urllib.parse.parse_qsl(req.query, max_num_fields=20, errors="replace")
+    body, nonce = render_page(server.store, server.view, now_ms(), "%s://%s/" % (scheme, host),
+                              server.api_key(), server.refresh, fragment)
+    return Response(body, content_type="text/html; charset=utf-8", headers=[
+        ("Content-Security-Policy", "default-src 'none'; style-src 'nonce-%s'; script-src 'nonce-%s'; "
+         "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+         "frame-ancestors 'none'" % (nonce, nonce)),
+        ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+        ("Referrer-Policy", "no-referrer")])
+
+
+def on_latest(req, match):
+    """GET /api/latest"""
+    return Response(render_latest(req.server.store, now_ms()), content_type="application/json",
+                    headers=_API_HEADERS)
+
+
+def on_readings(req, match):
+    """GET /api/readings[.json|.csv]?mac=&field=&since=&until=&limit=&format="""
+    params = parse_readings_query(req.query, now_ms())
+    if req.target.endswith(".csv"):
+        params["format"] = "csv"
+    body, content_type = render_readings(req.server.store, params)
+    return Response(body, content_type=content_type, headers=_API_HEADERS)
+
+
+def on_ts_update(req, match):
+    """ThingSpeak's write: /update or /update.json with a channel's write key, GET or POST."""
+    server = req.server
+    body = req.read_body() if req.command == "POST" else b""
+    params = parse_ts_params(req.query, body, req.headers.get("Content-Type", ""))
+    key = params.get("api_key") or req.headers.get("X-THINGSPEAKAPIKEY") or req.headers.get("THINGSPEAKAPIKEY")
+    if not key:
+        raise HTTPError(HTTPStatus.UNAUTHORIZED, "api_key missing: a channel's write key (see --channel-key)")
+    mac, channel = req.check_key(lambda: server.store.station_for_write_key(key.encode("utf-8", "replace")),
+                                 "wrong write API key")
+    values, when = parse_ts_write(params)
+    wait = server.buckets.take(mac)
+    if wait:  # ThingSpeak's clients read 0 as "not inserted"
+        return Response(b"0", headers=_retry_after(wait))
+    entry = server.store.add_entry(mac, values, server.max_stations, when)
+    if not req.target.endswith(".json"):
+        return Response(str(entry).encode())
+    stored = dict(values)
+    answer = {"channel_id": channel, "created_at": _ts_time(when or now_ms(), None), "entry_id": entry}
+    answer.update(("field%d" % f, _ts_value(stored[f]) if f in stored else None) for f in range(1, 9))
+    answer.update(latitude=None, longitude=None, elevation=None, status=None)
+    return Response(_json(answer), content_type="application/json")
+
+
+def on_ts_read(req, match):
+    """ThingSpeak's reads under /channels/ID: feeds, a field, the last entry, last data age."""
+    params = parse_ts_params(req.query)
+    last = match.group("last") or match.group("feedlast")
+    fmt = match.group("fmt") or ("txt" if last else "json")
+    what = ("age" if last == "/last_data_age" else "last" if last else
+            "feed" if match.group("feeds") or match.group("field") else "view")
+    if fmt == "txt" and what not in ("last", "age") or fmt == "csv" and what == "view":
+        raise HTTPError(HTTPStatus.NOT_FOUND, "no such page (use .json or .csv)")
+    body, content_type = render_ts_read(req.server.store, int(match.group(1)), what,
+                                        int(match.group("field") or 0) or None, fmt, params)
+    return Response(body, content_type=content_type, headers=_API_HEADERS)
+
+
+#: The URL space, in one table: path (exact, or a pattern for the whole path), methods,
+#: the function that answers, and the access check run first (None: the route checks a
+#: key that comes with the request itself). A path with no row for the method gets 405.
+ROUTES = (
+    Route("/", "GET HEAD", on_page, read_access),
+    Route("/api/latest", "GET HEAD", on_latest, read_access),
+    Route("/api/readings", "GET HEAD", on_readings, read_access),
+    Route("/api/readings.json", "GET HEAD", on_readings, read_access),
+    Route("/api/readings.csv", "GET HEAD", on_readings, read_access),
+    Route(re.compile(r"/update/.*", re.S), "GET", on_station_update),
+    Route(re.compile(r"/update/[^/]+/[^/]+/?"), "POST", on_station_bulk),
+    Route("/update", "GET POST", on_ts_update),
+    Route("/update.json", "GET POST", on_ts_update),
+    Route(re.compile(r"/channels/([0-9]{1,9})(?:(?P<feeds>/feeds)(?P<feedlast>/last)?|/fields/(?P<field>[1-8])"
+                     r"(?P<last>/last|/last_data_age)?)?(?:\.(?P<fmt>json|csv|txt))?", re.ASCII),
+          "GET HEAD", on_ts_read, channel_access),
+    Route(re.compile(r"/channels/([0-9]{1,9})/bulk_update\.(json|csv)", re.ASCII), "POST", on_ts_bulk),
+)
+
+
+###############################################################################
 # Server control ##############################################################
 ###############################################################################
 
@@ -1854,7 +2136,7 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address, store, api_key=None, rate=DEFAULT_RATE, burst=DEFAULT_BURST,
                  client_timeout=DEFAULT_TIMEOUT, quiet=False, max_stations=DEFAULT_MAX_STATIONS,
                  view=None, refresh=DEFAULT_REFRESH, private=False, trusted_proxies=("127.0.0.1", "::1"),
-                 max_connections=MAX_CONNECTIONS):
+                 max_connections=MAX_CONNECTIONS, public_url=None):
         self.store = store
         self.fixed_key = api_key
         self.buckets = TokenBuckets(rate / 60.0, burst)
@@ -1872,11 +2154,20 @@ class Server(ThreadingHTTPServer):
         self._open = 0
         self.dropped = 0
         self.max_connections = max_connections
+        self.public_url = public_url
+        self.counters = collections.Counter()  # (name, labels) -> count; see count()
+        self._counters_lock = threading.Lock()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
         self._reaper_stop = threading.Event()
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()
+
+    def count(self, name, amount=1, **labels):
+        """Add to a counter (shown by /metrics), e.g. count("readings_refused", reason="rate")."""
+        key = (name, tuple(sorted(labels.items())))
+        with self._counters_lock:
+            self.counters[key] += amount
 
     def api_key(self, refresh=True):
         """The key stations must send: the fixed one, or the one stored (it may be rotated)."""
@@ -1950,8 +2241,12 @@ class Server(ThreadingHTTPServer):
         return "http://%s:%d/" % (host, port)
 
 
-def serve(server):
-    """Serve until SIGTERM or SIGINT, then stop cleanly and close the database."""
+def serve(server, announce=None):
+    """Serve until SIGTERM or SIGINT, then stop cleanly and close the database.
+
+    ``announce()`` runs once the signal handlers are in place, so whoever reads what it
+    prints (the key, the address) and signals at once finds the server ready to stop.
+    """
     done = threading.Event()
 
     def on_signal(signum, frame):
@@ -1961,6 +2256,8 @@ def serve(server):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if announce:
+        announce()
     try:
         server.serve_forever(poll_interval=0.25)
     finally:
@@ -1994,6 +2291,55 @@ def _mac_arg(text):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _name_arg(text):
+    name = text.strip()
+    if not name or len(name) > 64 or not name.isprintable():
+        raise argparse.ArgumentTypeError("a name is 1 to 64 printable characters")
+    return name
+
+
+def _role_arg(text):
+    role = text.lower()
+    if role not in ROLES + ("none",):
+        raise argparse.ArgumentTypeError("a role is indoor, outdoor or none")
+    return role
+
+
+def _key_arg(text):
+    if not _KEY_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError("must be 8 to 128 characters from A-Z a-z 0-9 . _ ~ -")
+    return text
+
+
+def _url_arg(text):
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError("must be an http:// or https:// address such as https://iot.example.org/")
+    return text.rstrip("/") + "/"
+
+
+def _zone_arg(text):
+    try:
+        return zoneinfo.ZoneInfo(text)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError("unknown time zone %r (try Europe/Berlin or UTC)" % text) from None
+
+
+class _MacAnd(argparse.Action):
+    """``--flag MAC VALUE``: the MAC and the value each checked once, stored as a (mac, value) pair."""
+
+    def __init__(self, option_strings, dest, convert, **kwargs):
+        self.convert = convert
+        super().__init__(option_strings, dest, nargs=2, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            pair = (_mac_arg(values[0]), self.convert(values[1]))
+        except argparse.ArgumentTypeError as exc:
+            parser.error("argument %s: %s" % (option_string, exc))
+        setattr(namespace, self.dest, pair)
+
+
 def _proxies(given):
     if not given:
         return ("127.0.0.1", "::1")
@@ -2005,15 +2351,8 @@ def _proxies(given):
     return given
 
 
-def _zone_arg(text):
-    try:
-        return zoneinfo.ZoneInfo(text)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise argparse.ArgumentTypeError("unknown time zone %r (try Europe/Berlin or UTC)" % text) from None
-
-
 def build_parser():
-    """The command line: serving flags and the owner's admin actions."""
+    """The command line: serving flags and the owner's admin actions (see COMMANDS)."""
     parser = argparse.ArgumentParser(
         prog="iotserver.py",
         description="Self-hosted server for sensor stations: stores readings, serves a page.",
@@ -2023,7 +2362,7 @@ def build_parser():
     serving.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serving.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)")
     serving.add_argument("--db", default="iotserver.db", help="SQLite database file (default: ./%(default)s)")
-    serving.add_argument("--api-key", metavar="KEY", default=os.environ.get(KEY_ENV),
+    serving.add_argument("--api-key", metavar="KEY", type=_key_arg, default=os.environ.get(KEY_ENV),
                          help="key stations must send, instead of the stored one; also read from $%s" % KEY_ENV)
     serving.add_argument("--rate", type=_positive(float), default=DEFAULT_RATE, metavar="PER_MINUTE",
                          help="readings per minute each station may post on average (default: %(default)g)")
@@ -2036,28 +2375,32 @@ def build_parser():
     serving.add_argument("--max-connections", type=_positive(int), default=MAX_CONNECTIONS, metavar="N",
                          help="connections (threads) served at once; past that the slowest client is dropped "
                               "(default: %(default)s)")
+    serving.add_argument("--public-url", metavar="URL", type=_url_arg,
+                         help="the address people and stations use, e.g. https://iot.example.org/ "
+                              "(links in notifications, --show-key); default: the address served on")
     serving.add_argument("--quiet", action="store_true", help="do not log one line per request")
     serving.add_argument("--trusted-proxy", action="append", metavar="ADDR",
                          help="a reverse proxy whose X-Real-IP header names the client; repeat for more, "
                               "'none' for no proxy (default: 127.0.0.1 and ::1)")
-    page = parser.add_argument_group("page and read API")
-    page.add_argument("--unit", type=str.upper, choices=("F", "C"), default="F",
-                      help="temperature unit on the page (default: %(default)s)")
-    page.add_argument("--tz", metavar="ZONE", type=_zone_arg, default=None,
-                      help="time zone for the page, e.g. Europe/Berlin (default: the server's local zone)")
-    page.add_argument("--dead-band", type=_positive(float), default=DEAD_BAND_C, metavar="CELSIUS",
-                      help="how much cooler or warmer (in °C) outside must be before the advice flips "
-                           "(default: %(default)g)")
-    page.add_argument("--refresh", type=_positive(int), default=DEFAULT_REFRESH, metavar="SECONDS",
-                      help="how often the open page updates itself (default: %(default)s)")
-    page.add_argument("--private", action="store_true",
-                      help="the page and read API need the API key (as HTTP password, or ?key=)")
+    shown = parser.add_argument_group("page and read API")
+    shown.add_argument("--unit", type=str.upper, choices=("F", "C"), default="F",
+                       help="temperature unit on the page (default: %(default)s)")
+    shown.add_argument("--tz", metavar="ZONE", type=_zone_arg, default=None,
+                       help="time zone for the page, e.g. Europe/Berlin (default: the server's local zone)")
+    shown.add_argument("--dead-band", type=_positive(float), default=DEAD_BAND_C, metavar="CELSIUS",
+                       help="how much cooler or warmer (in °C) outside must be before the advice flips "
+                            "(default: %(default)g)")
+    shown.add_argument("--refresh", type=_positive(int), default=DEFAULT_REFRESH, metavar="SECONDS",
+                       help="how often the open page updates itself (default: %(default)s)")
+    shown.add_argument("--private", action="store_true",
+                       help="the page and read API need the API key (as HTTP password, or ?key=)")
 
     admin = parser.add_argument_group("admin actions (run, print, exit)")
     actions = admin.add_mutually_exclusive_group()
     actions.add_argument("--stations", action="store_true", help="list stations and exit")
-    actions.add_argument("--rename", nargs=2, metavar=("MAC", "NAME"), help="give a station a name")
-    actions.add_argument("--role", nargs=2, metavar=("MAC", "ROLE"),
+    actions.add_argument("--rename", action=_MacAnd, convert=_name_arg, metavar=("MAC", "NAME"),
+                         help="give a station a name")
+    actions.add_argument("--role", action=_MacAnd, convert=_role_arg, metavar=("MAC", "ROLE"),
                          help="mark a station indoor or outdoor (the page compares them), or none")
     actions.add_argument("--forget", type=_mac_arg, metavar="MAC", help="delete a station and its readings")
     actions.add_argument("--show-key", action="store_true", help="print the API key and an example station URL")
@@ -2068,7 +2411,7 @@ def build_parser():
                          help="print a station's ThingSpeak channel id and write key")
     actions.add_argument("--rotate-channel-key", type=_mac_arg, metavar="MAC",
                          help="give a station's ThingSpeak channel a new write key")
-    actions.add_argument("--add-channel", metavar="NAME",
+    actions.add_argument("--add-channel", type=_name_arg, metavar="NAME",
                          help="create a station for a ThingSpeak client that has no MAC; print its id and key")
     actions.add_argument("--backup", metavar="PATH",
                          help="write a consistent copy of the live database to PATH and exit")
@@ -2081,82 +2424,110 @@ def _example_url(base, key):
     return "%supdate/API_key=%s/mac=6c:ef:7a:3b:9d:e8/field=1/data=21.4" % (base, key)
 
 
-def _admin(args, store, out):
-    """Run one admin action; return the exit status."""
-    if args.stations:
-        rows = store.stations()
-        if not rows:
-            print("no stations yet", file=out)
-        for s in rows:
-            seen = iso_utc(s["last_seen"]) if s["last_seen"] else "never"
-            print("%s  channel %-3d  %-7s  %8d readings  last %s  %s" % (
-                s["mac"], s["id"], s["role"] or "-", s["readings"], seen, s["name"]), file=out)
-    elif args.rename:
-        name = args.rename[1].strip()
-        if not name or len(name) > 64 or any(ord(c) < 32 for c in name):
-            raise StoreError("a name is 1 to 64 printable characters")
-        store.rename(parse_mac(args.rename[0]), name)
-        print("renamed %s to %s" % (parse_mac(args.rename[0]), name), file=out)
-    elif args.role:
-        mac, role = parse_mac(args.role[0]), args.role[1].lower()
-        if role not in ROLES + ("none",):
-            raise StoreError("role must be indoor, outdoor or none")
-        store.set_role(mac, role)
-        print("%s is now %s" % (mac, role if role != "none" else "without a role"), file=out)
-    elif args.forget:
-        count = store.forget(args.forget)
-        print("forgot %s and %d readings" % (args.forget, count), file=out)
-    elif args.show_key or args.rotate_key:
-        key = store.rotate_key() if args.rotate_key else store.ensure_key()[0]
-        print("API key: %s" % key, file=out)
-        print("example: %s" % _example_url("http://%s:%d/" % (args.host, args.port), key), file=out)
-        if args.rotate_key:
-            print("every station must now send the new key", file=out)
-    elif args.lock or args.unlock:
-        store.set_setting("locked", "1" if args.lock else "0")
-        print("registration %s" % ("locked: unknown stations get 403" if args.lock else "open"), file=out)
-    elif args.channel_key or args.rotate_channel_key:
-        mac = args.channel_key or args.rotate_channel_key
-        channel, key = store.write_key(mac, rotate=bool(args.rotate_channel_key))
-        print("channel %d (%s) write key: %s" % (channel, mac, key), file=out)
-        print("example: %supdate?api_key=%s&field1=21.4" % ("http://%s:%d/" % (args.host, args.port), key), file=out)
-    elif args.add_channel:
-        name = args.add_channel.strip()
-        if not name or len(name) > 64 or any(ord(c) < 32 for c in name):
-            raise StoreError("a name is 1 to 64 printable characters")
-        channel, key = store.write_key(store.add_channel(name))
-        print("channel %d (%s) write key: %s" % (channel, name, key), file=out)
-    elif args.backup:
-        pages = store.backup(args.backup)
-        print("backed up %s to %s (%d pages)" % (store.path, os.path.abspath(args.backup), pages), file=out)
-    elif args.prune_days:
-        count = store.prune(args.prune_days)
-        print("pruned %d readings older than %g days" % (count, args.prune_days), file=out)
-    return 0
+def _base_url(args):
+    return "http://%s:%d/" % (args.host, args.port)
+
+
+# -- admin actions: one function per flag, each (args, store, out) -> exit status --
+
+def _cmd_stations(args, store, out):
+    rows = store.stations()
+    if not rows:
+        print("no stations yet", file=out)
+    for s in rows:
+        seen = iso_utc(s["last_seen"]) if s["last_seen"] else "never"
+        print("%s  channel %-3d  %-7s  %8d readings  last %s  %s" % (
+            s["mac"], s["id"], s["role"] or "-", s["readings"], seen, s["name"]), file=out)
+
+
+def _cmd_rename(args, store, out):
+    mac, name = args.rename
+    store.rename(mac, name)
+    print("renamed %s to %s" % (mac, name), file=out)
+
+
+def _cmd_role(args, store, out):
+    mac, role = args.role
+    store.set_role(mac, role)
+    print("%s is now %s" % (mac, role if role != "none" else "without a role"), file=out)
+
+
+def _cmd_forget(args, store, out):
+    count = store.forget(args.forget)
+    print("forgot %s and %d readings" % (args.forget, count), file=out)
+
+
+def _cmd_show_key(args, store, out):
+    key = store.ensure_key()[0]
+    print("API key: %s" % key, file=out)
+    print("example: %s" % _example_url(_base_url(args), key), file=out)
+
+
+def _cmd_rotate_key(args, store, out):
+    key = store.rotate_key()
+    print("API key: %s" % key, file=out)
+    print("example: %s" % _example_url(_base_url(args), key), file=out)
+    print("every station must now send the new key", file=out)
+
+
+def _cmd_lock(args, store, out):
+    store.set_setting("locked", "1")
+    print("registration locked: unknown stations get 403", file=out)
+
+
+def _cmd_unlock(args, store, out):
+    store.set_setting("locked", "0")
+    print("registration open", file=out)
+
+
+def _cmd_channel_key(args, store, out, rotate=False):
+    mac = args.rotate_channel_key if rotate else args.channel_key
+    channel, key = store.write_key(mac, rotate=rotate)
+    print("channel %d (%s) write key: %s" % (channel, mac, key), file=out)
+    print("example: %supdate?api_key=%s&field1=21.4" % (_base_url(args), key), file=out)
+
+
+def _cmd_rotate_channel_key(args, store, out):
+    _cmd_channel_key(args, store, out, rotate=True)
+
+
+def _cmd_add_channel(args, store, out):
+    channel, key = store.write_key(store.add_channel(args.add_channel))
+    print("channel %d (%s) write key: %s" % (channel, args.add_channel, key), file=out)
+
+
+def _cmd_backup(args, store, out):
+    pages = store.backup(args.backup)
+    print("backed up %s to %s (%d pages)" % (store.path, os.path.abspath(args.backup), pages), file=out)
+
+
+def _cmd_prune_days(args, store, out):
+    count = store.prune(args.prune_days)
+    print("pruned %d readings older than %g days" % (count, args.prune_days), file=out)
+
+
+#: Every admin action: the flag's dest -> the function that runs it. Flags not named
+#: here serve (or configure serving).
+COMMANDS = {
+    "stations": _cmd_stations, "rename": _cmd_rename, "role": _cmd_role, "forget": _cmd_forget,
+    "show_key": _cmd_show_key, "rotate_key": _cmd_rotate_key, "lock": _cmd_lock, "unlock": _cmd_unlock,
+    "channel_key": _cmd_channel_key, "rotate_channel_key": _cmd_rotate_channel_key,
+    "add_channel": _cmd_add_channel, "backup": _cmd_backup, "prune_days": _cmd_prune_days,
+}
 
 
 def main(argv=None):
     """Parse the command line; run an admin action or serve."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.api_key is not None and not _KEY_RE.fullmatch(args.api_key):
-        parser.error("--api-key must be 8 to 128 characters from A-Z a-z 0-9 . _ ~ -")
-    if args.role and args.role[1].lower() not in ROLES + ("none",):
-        parser.error("--role takes indoor, outdoor or none")
-    for text in (args.rename or [None])[:1] + (args.role or [None])[:1]:
-        if text is not None and not _MAC_RE.fullmatch(text):
-            parser.error("not a MAC: %r (six hex pairs, e.g. 6c:ef:7a:3b:9d:e8)" % text)
-    admin = any((args.stations, args.rename, args.role, args.forget, args.show_key, args.rotate_key,
-                 args.lock, args.unlock, args.prune_days, args.backup, args.channel_key,
-                 args.rotate_channel_key, args.add_channel))
+    args = build_parser().parse_args(argv)
+    command = next((COMMANDS[name] for name in COMMANDS if getattr(args, name) not in (None, False)), None)
     try:
-        store = Store(args.db, create=not admin)
+        store = Store(args.db, create=command is None)
     except StoreError as exc:
         log("iotserver: %s" % exc)
         return 2
-    if admin:
+    if command is not None:
         try:
-            return _admin(args, store, sys.stdout)
+            return command(args, store, sys.stdout) or 0
         except (StoreError, sqlite3.Error, OSError) as exc:
             log("iotserver: %s" % exc)
             return 1
@@ -2168,21 +2539,24 @@ def main(argv=None):
                         burst=args.burst, client_timeout=args.timeout, quiet=args.quiet,
                         max_stations=args.max_stations, view=View(args.unit, args.tz, args.dead_band),
                         refresh=args.refresh, private=args.private, trusted_proxies=_proxies(args.trusted_proxy),
-                        max_connections=args.max_connections)
+                        max_connections=args.max_connections, public_url=args.public_url)
     except (OSError, sqlite3.Error) as exc:
         log("iotserver: cannot start: %s" % exc)
         store.close()
         return 1
-    log("iotserver %s listening on %s (database %s)" % (__version__, server.url(), store.path))
-    if created and not args.api_key:
-        if sys.stdout.isatty():
-            # shown once, on a terminal only: a journal or log file must never hold the key
-            print("New API key (shown once; --show-key prints it again): %s" % key)
-            print("Point a station at: %s" % _example_url(server.url(), key), flush=True)
-        else:
-            log("iotserver: generated an API key; print it with: python3 iotserver.py --db %s --show-key"
-                % store.path)
-    serve(server)
+
+    def announce():
+        log("iotserver %s listening on %s (database %s)" % (__version__, server.url(), store.path))
+        if created and not args.api_key:
+            if sys.stdout.isatty():
+                # shown once, on a terminal only: a journal or log file must never hold the key
+                print("New API key (shown once; --show-key prints it again): %s" % key)
+                print("Point a station at: %s" % _example_url(server.url(), key), flush=True)
+            else:
+                log("iotserver: generated an API key; print it with: python3 iotserver.py --db %s --show-key"
+                    % store.path)
+
+    serve(server, announce)
     return 0
 
 
