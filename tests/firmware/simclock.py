@@ -141,9 +141,8 @@ async def _async_sleep_ms(ms):
     if REAL:
         await _real_sleep_ms(int(ms))
         _run_events()
-    else:
+    else:  # no yield to JS: the firmware is one task, and each JS round trip keeps ~35 bytes in this port
         advance(ms)
-        await _real_sleep_ms(0)
 
 
 async def _async_sleep(seconds):
