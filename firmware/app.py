@@ -209,7 +209,7 @@ class Station:
         self.retry_at = due  # unless an answer below says when
         deadline = time.ticks_add(due, -self._margin)
         if not self.link.isconnected():
-            log("wifi: no link, connecting")
+            log("wifi: connecting")
             try:
                 await self.link.connect(max(1, min(self.link.timeout, _left(deadline))))
             except OSError as exc:
