@@ -208,10 +208,12 @@ class Station:
         """Send what waits, oldest first, until done or refused, ending a margin before ``due``."""
         self.retry_at = due  # unless an answer below says when
         deadline = time.ticks_add(due, -self._margin)
+        if _left(deadline) < self._min_call:
+            return
         if not self.link.isconnected():
             log("wifi: connecting")
             try:
-                await self.link.connect(max(1, min(self.link.timeout, _left(deadline))))
+                await self.link.connect(min(self.link.timeout, _left(deadline)))
             except OSError as exc:
                 self._failed(str(exc))
                 return
@@ -303,7 +305,8 @@ class Station:
             return True
         url = "%s/update/API_key=%s/mac=%s" % (self.server, self._key, self.mac)
         try:
-            resp = await self.post(url, lambda write: self._body(count, relative, unix, mono, write), length, _FORM, timeout)
+            resp = await self.post(url, lambda write: self._body(count, relative, unix, mono, write), length, _FORM,
+                                   timeout)
         except OSError as exc:
             self._failed("upload: network error %r" % exc)
             return False
@@ -332,7 +335,8 @@ class Station:
                 entry = self.buffer.entry(i)
                 self.buffer.discard(i)
                 self.refused += 1
-                log("entry refused and dropped: %d %s (%s%s)" % (status, reason, _when(entry[0]), self._cells(*entry[1:])))
+                log("entry refused and dropped: %d %s (%s%s)"
+                    % (status, reason, _when(entry[0]), self._cells(*entry[1:])))
                 return True
             if status < 500:
                 self._hold(self.backoff.most)

@@ -61,8 +61,8 @@ def run_station(node, tmp_path, script, config, timeout=120, files=None):
     files.update({name: str(HARNESS / name) for name in STANDINS})
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"files": files, "config": config, "script": script}))
-    proc = subprocess.run([node, "--expose-gc", str(HARNESS / "harness.mjs"), str(spec)], capture_output=True, text=True,
-                          cwd=HARNESS, timeout=timeout)
+    proc = subprocess.run([node, "--expose-gc", str(HARNESS / "harness.mjs"), str(spec)], capture_output=True,
+                          text=True, cwd=HARNESS, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(re.search(r"^RESULT (.*)$", proc.stdout, re.M).group(1))
     return result, proc.stdout
@@ -117,7 +117,8 @@ async def simulate(until, sensor=None, link_timeout=5, **station_args):
 def report(station=None, **extra):
     station = station or STATIONS[-1]
     result = {"samples": machine.SAMPLES, "requests": shimhttp.ENTRIES, "opened": shimhttp.OPENED,
-              "closed": shimhttp.CLOSED, "lost": shimhttp.LOST, "lost_at": shimhttp.LOST_AT, "waiting": len(station.buffer),
+              "closed": shimhttp.CLOSED, "lost": shimhttp.LOST, "lost_at": shimhttp.LOST_AT,
+              "waiting": len(station.buffer),
               "dropped": station.buffer.dropped, "refused": sum(s.refused for s in STATIONS) or station.refused,
               "boots": len(STATIONS), "resets": machine.RESETS, "deep_sleeps": machine.DEEP_SLEEPS,
               "flash_writes": FLASH_WRITES[0], "rtc_writes": machine.RTC_WRITES, "feeds": machine.WDT.feeds,

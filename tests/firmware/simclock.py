@@ -159,7 +159,7 @@ def settime():
 
 def reboot(sleep_ms=0):
     """A reset: ticks start again; the clock keeps counting across deep sleep only."""
-    global BOOT, DELTA, NOW
+    global BOOT, DELTA
     if sleep_ms:
         DELTA = DELTA + now_ms() - BOOT + sleep_ms
         if not REAL:
