@@ -1745,10 +1745,19 @@ MAX_BULK_BODY = 128 * 1024
 _TS_FIELD_RE = re.compile(r"field([1-8])", re.ASCII)
 #: Members of a bulk entry that ThingSpeak stores and iotserver accepts and ignores.
 _BULK_IGNORED = ("status", "latitude", "longitude", "elevation")
+#: A read's aggregations, the first one given being used (as ThingSpeak does), and their periods
+#: in minutes; "daily" is a calendar day in the request's time zone.
+TS_AGGREGATIONS = ("timescale", "sum", "average", "median")
+TS_PERIODS = ("10", "15", "20", "30", "60", "240", "720", "1440", "daily")
 
 
-def _ts_value(value):
-    """A stored value as ThingSpeak writes it: text, without a needless '.0'."""
+def _ts_value(value, digits=None):
+    """A value as ThingSpeak writes it: a stored one without a needless '.0', a computed one (text) as
+    computed; with ``digits`` (?round=), rounded to that many decimal places."""
+    if digits is not None:
+        return "%.*f" % (digits, float(value))
+    if isinstance(value, str):
+        return value
     if value.is_integer() and abs(value) < 1e15:
         return str(int(value))
     return repr(value)
@@ -1916,6 +1925,8 @@ def _ts_entries(snap, station_id, field, params, zone, now):
     if results and (not re.fullmatch(r"[0-9]{1,6}", results, re.ASCII) or int(results) > TS_MAX_RESULTS):
         raise HTTPError(HTTPStatus.BAD_REQUEST, "results must be a whole number from 0 to %d" % TS_MAX_RESULTS)
     limit = int(results) if results else TS_RESULTS
+    if not results and any(params.get(name) for name in ("days", "minutes", "start", "end")):
+        limit = TS_MAX_RESULTS  # as ThingSpeak: a time range without results means all of it, up to 8,000
     since, until = 0, now + 1
     for name, unit in (("days", 86_400_000), ("minutes", 60_000)):
         if params.get(name):
@@ -1931,6 +1942,56 @@ def _ts_entries(snap, station_id, field, params, zone, now):
     if params.get("end"):
         until = parse_time("end", params["end"], zone) + 1
     return snap.entries(station_id, field, since, until, limit)
+
+
+def _ts_aggregate(entries, params, zone):
+    """Entries grouped by period as ?timescale= (the first entry of each period), sum, average or median
+    ask, each at its period's start; ThingSpeak's ``results`` limits the entries read, not the periods."""
+    how = next((name for name in TS_AGGREGATIONS if params.get(name)), None)
+    if how is None:
+        return entries
+    period = params[how]
+    if period not in TS_PERIODS:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "%s must be %s (minutes) or daily" % (how, ", ".join(TS_PERIODS[:-1])))
+    periods = collections.OrderedDict()  # period start ms -> [(entry id, {field: value})]
+    for entry, ms, values in entries:
+        if period == "daily":
+            day = datetime.datetime.fromtimestamp(ms / 1000, zone or datetime.timezone.utc)
+            start = int(day.replace(hour=0, minute=0, second=0, microsecond=0).timestamp() * 1000)
+        else:
+            start = ms // (int(period) * 60_000) * (int(period) * 60_000)
+        periods.setdefault(start, []).append((entry, values))
+    out = []
+    for start, members in periods.items():
+        if how == "timescale":
+            out.append((members[0][0], start, members[0][1]))
+            continue
+        fields = collections.defaultdict(list)
+        for _, values in members:
+            for field, value in values.items():
+                fields[field].append(value)
+        out.append((None, start, {f: repr(_ts_combine(how, sorted(vs))) for f, vs in fields.items()}))
+    return out
+
+
+def _ts_combine(how, values):
+    """The sum, average or median of a field's sorted values in one period."""
+    if how == "sum":
+        return math.fsum(values)
+    if how == "average":
+        return math.fsum(values) / len(values)
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def _ts_round(params):
+    """?round=N: the decimal places values are written with, or None."""
+    digits = params.get("round")
+    if not digits:
+        return None
+    if not re.fullmatch(r"[0-9]{1,2}", digits, re.ASCII) or int(digits) > 15:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "round must be a whole number of decimal places from 0 to 15")
+    return int(digits)
 
 
 def _ts_channel(snap, station, zone):
@@ -1949,7 +2010,7 @@ def _ts_channel(snap, station, zone):
 def render_ts_read(store, channel_id, what, field, fmt, params):
     """Answer /channels/ID/...: feeds, a field's feed, last entries, last data age."""
     now = now_ms()
-    zone = _ts_zone(params)
+    zone, digits = _ts_zone(params), _ts_round(params)
     with store.snapshot() as snap:
         station = snap.station(channel_id)
         if station is None:
@@ -1959,12 +2020,14 @@ def render_ts_read(store, channel_id, what, field, fmt, params):
         last = what in ("last", "age")
         entries = _ts_entries(snap, channel_id, field, dict(params, results="1") if last else params, zone, now)
         channel = _ts_channel(snap, station, zone) if not last else None
+    if not last:
+        entries = _ts_aggregate(entries, params, zone)
     fields = [field] if field else sorted({f for _, _, values in entries for f in values} |
                                           ({int(k[5:]) for k in channel if k[:5] == "field"} if channel else set()))
 
     def feed(entry, ts, values):
         item = {"created_at": _ts_time(ts, zone), "entry_id": entry}
-        item.update(("field%d" % f, _ts_value(values[f]) if f in values else None) for f in fields)
+        item.update(("field%d" % f, _ts_value(values[f], digits) if f in values else None) for f in fields)
         return item
 
     if what == "age":
@@ -1979,7 +2042,7 @@ def render_ts_read(store, channel_id, what, field, fmt, params):
             # ThingSpeak answers -1; the 404 lets a careful script tell it from a reading of -1
             raise HTTPError(HTTPStatus.NOT_FOUND, "-1")
         if fmt == "txt":
-            text = _ts_value(entries[0][2][field]).encode() if field else _json(feed(*entries[0]))
+            text = _ts_value(entries[0][2][field], digits).encode() if field else _json(feed(*entries[0]))
             return text, "text/plain; charset=utf-8"
         if fmt == "json":
             return _json(feed(*entries[0])), "application/json"
@@ -1989,7 +2052,7 @@ def render_ts_read(store, channel_id, what, field, fmt, params):
         writer.writerow(["created_at", "entry_id"] + ["field%d" % f for f in fields])
         for entry, ts, values in entries:
             writer.writerow([_ts_time(ts, zone, csv_style=True), entry] +
-                            [_ts_value(values[f]) if f in values else "" for f in fields])
+                            [_ts_value(values[f], digits) if f in values else "" for f in fields])
         return buffer.getvalue().encode("utf-8"), "text/csv; charset=utf-8"
     return _json({"channel": channel, "feeds": [feed(*e) for e in entries]}), "application/json"
 
