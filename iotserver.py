@@ -449,14 +449,18 @@ def _unpacked(column):
 
 
 def _copied(rows):
-    """Readings of schema 2, in key order, for the samples table: packed, and a time that a field
-    already has (two readings in one millisecond) moved on by 1 ms, so nothing is lost."""
-    last = None
+    """Readings of schema 2, in key order, for the samples table: packed, and numbered within a millisecond."""
+    last, n = None, 0
     for station_id, field, ts, value in rows:
-        if last and last[:2] == (station_id, field) and ts <= last[2]:
-            ts = last[2] + 1
+        n = n + 1 if (station_id, field, ts) == last else 0
         last = (station_id, field, ts)
-        yield station_id, field, ts, _pack(value)
+        yield station_id, field, ts, n, _pack(value)
+
+
+def _insert(station_id, field, ts, value):
+    """The SQL that stores a reading, numbered after any its field already has in that millisecond."""
+    return ("INSERT INTO samples (station_id, field, ts, n, v) SELECT {s}, {f}, {t}, coalesce(max(n) + 1, 0), {v} "
+            "FROM samples WHERE station_id = {s} AND field = {f} AND ts = {t}").format(s=station_id, f=field, t=ts, v=value)
 
 
 #: Schema changes in order; migration N is recorded as PRAGMA user_version = N
@@ -490,15 +494,17 @@ MIGRATIONS = (
         "ALTER TABLE readings ADD COLUMN entry INTEGER",
     ),
     (
-        # a reading costs its key and its packed value (about 18 bytes on disk): no rowid, no
-        # index beside the key; an entry (the fields of one write) is known by its time
+        # a reading costs its key and its packed value (about 19 bytes on disk): no rowid, no
+        # index beside the key; an entry (the fields of one write) is known by its time. n numbers
+        # the readings a field got in one millisecond (0, stored in no bytes, but for a flood)
         """CREATE TABLE samples (
             station_id INTEGER NOT NULL REFERENCES stations (id),
             field INTEGER NOT NULL CHECK (field BETWEEN 1 AND 8),
             ts INTEGER NOT NULL,
+            n INTEGER NOT NULL,
             v NOT NULL,
-            PRIMARY KEY (station_id, field, ts)) WITHOUT ROWID""",
-        lambda conn: conn.executemany("INSERT INTO samples (station_id, field, ts, v) VALUES (?, ?, ?, ?)",
+            PRIMARY KEY (station_id, field, ts, n)) WITHOUT ROWID""",
+        lambda conn: conn.executemany("INSERT INTO samples (station_id, field, ts, n, v) VALUES (?, ?, ?, ?, ?)",
                                       _copied(conn.execute("SELECT station_id, field, ts, value FROM readings "
                                                            "ORDER BY station_id, field, ts"))),
         "DROP TABLE readings",
@@ -530,8 +536,8 @@ MIGRATIONS = (
         """CREATE VIEW readings (id, station_id, field, value, ts, entry) AS
            SELECT ts * 8 + field - 1, station_id, field, %s, ts, ts FROM samples""" % _unpacked("v"),
         """CREATE TRIGGER readings_insert INSTEAD OF INSERT ON readings BEGIN
-           INSERT INTO samples (station_id, field, ts, v) VALUES (NEW.station_id, NEW.field, NEW.ts, CAST(NEW.value AS REAL));
-           END""",
+           %s;
+           END""" % _insert("NEW.station_id", "NEW.field", "NEW.ts", "CAST(NEW.value AS REAL)"),
         """CREATE TRIGGER readings_delete INSTEAD OF DELETE ON readings BEGIN
            DELETE FROM samples WHERE station_id = OLD.station_id AND field = OLD.field AND ts = OLD.ts;
            END""",
@@ -765,11 +771,6 @@ class Store:
     def _write_batch(self, batch):
         """Write pending entries in one transaction; set each item's entry id or its exception."""
         added, keys = {}, {}  # stations registered by this batch: mac -> id, write key -> mac
-
-        def taken(station_id, ts):  # the fields a station has stored at this time (eight key look-ups)
-            return {f for (f,) in conn.execute("SELECT field FROM samples WHERE station_id = ? AND field IN "
-                                               "(1, 2, 3, 4, 5, 6, 7, 8) AND ts = ?", (station_id, ts))}
-
         try:
             with self.atomic() as conn:
                 self._refresh()
@@ -788,12 +789,12 @@ class Store:
                             "INSERT INTO stations (mac, name, created_at, write_key) VALUES (?, ?, ?, ?)",
                             (item.mac, item.mac, item.ts, write_key)).lastrowid
                         keys[write_key] = item.mac
-                    stored = taken(station_id, item.ts)
-                    while stored and not item.measured:  # another entry has this very millisecond: the next one
-                        item.ts += 1
-                        stored = taken(station_id, item.ts)
-                    item.values = [(f, v) for f, v in item.values if f not in stored]  # the rest was sent before
-                    conn.executemany("INSERT INTO samples (station_id, field, ts, v) VALUES (?, ?, ?, ?)",
+                    if item.measured:  # a retry: fields already stored at this measurement time are not stored again
+                        stored = {f for (f,) in conn.execute(  # eight key look-ups
+                            "SELECT field FROM samples WHERE station_id = ? AND field IN (1, 2, 3, 4, 5, 6, 7, 8) "
+                            "AND ts = ?", (station_id, item.ts))}
+                        item.values = [(f, v) for f, v in item.values if f not in stored]
+                    conn.executemany(_insert("?1", "?2", "?3", "?4"),
                                      [(station_id, f, item.ts, _pack(v)) for f, v in item.values])
                     item.entry = item.ts  # an entry is known by its time: that is its id
         except Exception as exc:
@@ -878,7 +879,7 @@ class Store:
 
     def _delete_batches(self, table, where, params, pause=0.005):
         """Delete rows of samples or rollups matching ``where`` in short transactions; return how many."""
-        key = "station_id, field, ts" if table == "samples" else "station_id, field, span, start"
+        key = "station_id, field, ts, n" if table == "samples" else "station_id, field, span, start"
         total = 0
         while True:
             with self.atomic() as conn:
