@@ -16,6 +16,7 @@ import contextlib
 import csv
 import datetime
 import email.utils
+import functools
 import heapq
 import hmac
 import html
@@ -31,11 +32,13 @@ import signal
 import socket
 import sqlite3
 import string
+import struct
 import sys
 import threading
 import time
 import traceback
 import urllib.parse
+import zlib
 import zoneinfo
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,6 +51,8 @@ __version__ = "0.1.0"
 
 #: Environment variable that may hold the API key (for systemd EnvironmentFile=).
 KEY_ENV = "IOTSERVER_API_KEY"
+#: Environment variable that may hold the bearer token Prometheus sends for /metrics.
+METRICS_TOKEN_ENV = "IOTSERVER_METRICS_TOKEN"
 #: Readings per minute a station may post on average, and how many in a burst.
 DEFAULT_RATE = 10.0
 DEFAULT_BURST = 10
@@ -91,18 +96,28 @@ class IotError(Exception):
     """Root of every error iotserver raises on purpose."""
 
 
+#: What /metrics calls a refusal whose HTTPError names no reason of its own.
+_REASONS = {400: "invalid", 401: "wrong_key", 403: "forbidden", 404: "not_found", 405: "method", 408: "timeout",
+            411: "invalid", 413: "too_large", 414: "too_large", 429: "rate_limited", 503: "storage"}
+
+
 class HTTPError(IotError):
     """An answer to the client other than success; raised by routes, sent in one place."""
 
-    def __init__(self, status, message, headers=()):
+    def __init__(self, status, message, headers=(), reason=None):
         super().__init__(message)
         self.status = HTTPStatus(status)
         self.message = message
         self.headers = list(headers)
+        self.reason = reason or _REASONS.get(self.status, "status_%d" % self.status)
 
 
 class Refused(IotError):
-    """Storage will not take a reading (registration locked, station limit)."""
+    """Storage will not take a reading (registration locked, station limit); ``reason`` names which."""
+
+    def __init__(self, message, reason="refused"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class StoreError(IotError):
@@ -129,10 +144,24 @@ def iso_ms(ms):
     return iso_utc(ms)[:-1] + ".%03dZ" % (ms % 1000)
 
 
+#: A date and time as people and ThingSpeak write them: '2026-11-21 10:26:2 -0500' (ThingSpeak's own
+#: example: one-digit parts, a space before the offset), '2026-07-01T12:00:00.5Z', '... UTC'.
+_TIME_RE = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})[T ]([0-9]{1,2}):([0-9]{1,2})(?::([0-9]{1,2})(\.[0-9]{1,6})?)?"
+                      r" ?(Z|UTC|[+-][0-9]{2}:?[0-9]{2})?", re.ASCII | re.I)
+
+
 def parse_time(name, text, zone=None):
     """Epoch ms from ISO 8601 or ThingSpeak's '2026-07-01 12:00:00'; no offset means ``zone`` (UTC)."""
-    stamp = text.strip().replace(" ", "T", 1)
-    if stamp[-1:] in ("Z", "z"):
+    stamp = text.strip()
+    match = _TIME_RE.fullmatch(stamp)
+    if match:  # written out as fromisoformat needs it: two-digit parts, '+hh:mm'
+        day, hour, minute, second, fraction, offset = match.groups()
+        offset = "+00:00" if (offset or "").upper() in ("Z", "UTC") else offset or ""
+        if offset and ":" not in offset:
+            offset = offset[:3] + ":" + offset[3:]
+        stamp = "%sT%02d:%02d:%02d%s%s" % (day, int(hour), int(minute), int(second or 0),
+                                           (fraction or "").ljust(7, "0") if fraction else "", offset)
+    elif stamp[-1:] in ("Z", "z"):
         stamp = stamp[:-1] + "+00:00"
     try:
         when = datetime.datetime.fromisoformat(stamp)
@@ -379,11 +408,12 @@ QUANTITIES = {
 class Field:
     """One field of a station: its name, the unit it is posted in, how to read it in its quantity's unit."""
 
-    __slots__ = ("number", "name", "unit", "quantity")
+    __slots__ = ("number", "name", "key", "unit", "quantity")
 
     def __init__(self, number, name=None, unit=None):
         default = FIELDS.get(number, ("Field %d" % number, ""))
         self.number, self.name = number, name or default[0]
+        self.key = self.name.lower() if name or number in FIELDS else "field%d" % number  # its name in the APIs
         self.unit = default[1] if unit is None else unit
         quantity = QUANTITIES.get(self.name.lower())
         self.quantity = quantity if quantity and self.unit in quantity[3] else None
@@ -532,15 +562,20 @@ MIGRATIONS = (
                low = min(low, excluded.low), high = max(high, excluded.high);
            END""" % ((_unpacked("NEW.v"),) * 3 + (_SPANS,)),
         # the readings as before, values unpacked, for your own SQL (and older tools): id orders
-        # them by time, then field; entry is the ThingSpeak entry id (the time)
-        """CREATE VIEW readings (id, station_id, field, value, ts, entry) AS
-           SELECT ts * 8 + field - 1, station_id, field, %s, ts, ts FROM samples""" % _unpacked("v"),
+        # them by time, then field; entry is the ThingSpeak entry id (the time). Written to by
+        # hand, the rollups take what is inserted and keep what is deleted (as after a prune)
+        """CREATE VIEW readings (id, station_id, field, value, ts, entry, n) AS
+           SELECT ts * 8 + field - 1, station_id, field, %s, ts, ts, n FROM samples""" % _unpacked("v"),
         """CREATE TRIGGER readings_insert INSTEAD OF INSERT ON readings BEGIN
            %s;
            END""" % _insert("NEW.station_id", "NEW.field", "NEW.ts", "CAST(NEW.value AS REAL)"),
         """CREATE TRIGGER readings_delete INSTEAD OF DELETE ON readings BEGIN
-           DELETE FROM samples WHERE station_id = OLD.station_id AND field = OLD.field AND ts = OLD.ts;
+           DELETE FROM samples WHERE station_id = OLD.station_id AND field = OLD.field AND ts = OLD.ts AND n = OLD.n;
            END""",
+        """CREATE TRIGGER readings_update INSTEAD OF UPDATE ON readings BEGIN
+           DELETE FROM samples WHERE station_id = OLD.station_id AND field = OLD.field AND ts = OLD.ts AND n = OLD.n;
+           %s;
+           END""" % _insert("NEW.station_id", "NEW.field", "NEW.ts", "CAST(NEW.value AS REAL)"),
         # what a station's field holds when it is not what FIELDS says (--field)
         """CREATE TABLE fields (
             station_id INTEGER NOT NULL REFERENCES stations (id),
@@ -778,11 +813,11 @@ class Store:
                     station_id = self._stations.get(item.mac) or added.get(item.mac)
                     if station_id is None:
                         if self._settings.get("locked") == "1":
-                            item.error = Refused("registration is locked; unknown station %s" % item.mac)
+                            item.error = Refused("registration is locked; unknown station %s" % item.mac, "locked")
                             continue
                         if len(self._stations) + len(added) >= item.max_stations:
                             item.error = Refused("station limit (%d) reached; forget a station first"
-                                                 % item.max_stations)
+                                                 % item.max_stations, "station_limit")
                             continue
                         write_key = _new_write_key()
                         station_id = added[item.mac] = conn.execute(
@@ -825,10 +860,12 @@ class Store:
         keys = ("id", "mac", "name", "role", "created_at", "last_seen", "readings")
         return [dict(zip(keys, row)) for row in rows]
 
-    def _station_id(self, conn, mac):
-        row = conn.execute("SELECT id FROM stations WHERE mac = ?", (mac,)).fetchone()
+    def _station_id(self, conn, station):
+        """The id of a station given by MAC or by channel id (an int)."""
+        column = "id" if isinstance(station, int) else "mac"
+        row = conn.execute("SELECT id FROM stations WHERE %s = ?" % column, (station,)).fetchone()
         if row is None:
-            raise StoreError("no station with mac %s (see --stations)" % mac)
+            raise StoreError("no station with %s %s (see --stations)" % ("channel id" if column == "id" else column, station))
         return row[0]
 
     def station_for_write_key(self, key):
@@ -842,13 +879,13 @@ class Store:
                    if known and hmac.compare_digest(known.encode(), text.encode())]
         return (matches[0], self._stations[matches[0]]) if matches else None
 
-    def write_key(self, mac, rotate=False):
-        """(channel id, write key) of a station; with ``rotate``, a new key first."""
+    def write_key(self, station, rotate=False):
+        """(channel id, mac, write key) of a station (a MAC or channel id); with ``rotate``, a new key first."""
         with self.atomic() as conn:
-            station_id = self._station_id(conn, mac)
+            station_id = self._station_id(conn, station)
             if rotate:
                 conn.execute("UPDATE stations SET write_key = ? WHERE id = ?", (_new_write_key(), station_id))
-            return conn.execute("SELECT id, write_key FROM stations WHERE id = ?", (station_id,)).fetchone()
+            return conn.execute("SELECT id, mac, write_key FROM stations WHERE id = ?", (station_id,)).fetchone()
 
     def add_channel(self, name):
         """A station for a ThingSpeak client that has no MAC: a random locally administered one."""
@@ -925,6 +962,14 @@ class Store:
                 os.unlink(partial)
             raise
         return pages
+
+    def size(self):
+        """Bytes the database takes on disk, its write-ahead log included."""
+        total = 0
+        for path in (self.path, self.path + "-wal"):
+            with contextlib.suppress(OSError):  # no -wal file right after a checkpoint
+                total += os.path.getsize(path)
+        return total
 
     def prune(self, days, rollups=False):
         """Delete readings (or with ``rollups``, rollups) older than ``days`` days, in batches; return how many."""
@@ -1423,7 +1468,7 @@ dt{color:var(--muted);font-size:.9rem}dd{margin:0}
 .ranges{display:flex;gap:6px;margin:16px 0 0}.ranges a{padding:4px 12px;border:1px solid var(--line);border-radius:999px;
 color:var(--fg);text-decoration:none;background:var(--card)}.ranges a[aria-current]{background:var(--fg);color:var(--bg)}
 .card h2 a{color:inherit;text-decoration:none}.back{margin:0 0 12px}
-code{word-break:break-all;font-size:.85rem}
+code{font-size:.85rem}.url{overflow-wrap:anywhere}.word{white-space:nowrap}
 footer{color:var(--muted);font-size:.8rem;margin-top:16px;text-align:center}
 """
 
@@ -1446,7 +1491,12 @@ _PAGE = string.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
-<link rel="icon" href="data:,">
+<meta name="theme-color" content="#f6f7f9" media="(prefers-color-scheme: light)">
+<meta name="theme-color" content="#111318" media="(prefers-color-scheme: dark)">
+<meta name="apple-mobile-web-app-title" content="iotserver">
+<link rel="icon" href="/icon.svg" type="image/svg+xml">
+<link rel="apple-touch-icon" href="/apple-touch-icon.png">
+<link rel="manifest" href="/manifest.webmanifest">
 <title>$title</title>
 <noscript><meta http-equiv="refresh" content="$refresh"></noscript>
 <style nonce="$nonce">$css</style>
@@ -1480,15 +1530,22 @@ def _gather(store, view, now, range_name="24h"):
     return stations, by_role, lines, history
 
 
+def _command(text):
+    """A command in <code> that wraps only between its words (browsers also break after a '-')."""
+    return "<code>%s</code>" % " ".join('<span class="word">%s</span>' % html.escape(word) for word in text.split(" "))
+
+
 def _empty_state(base_url, api_key):
     """What a new server shows: how to point a station at it."""
     masked = api_key[:4] + "…" if api_key else "KEY"
     return ('<section class="headline unknown"><h1>No readings yet</h1>'
             "<p>Point a station at this server. It posts one URL per reading:</p>"
-            "<p><code>%supdate/API_key=%s/mac=6c:ef:7a:3b:9d:e8/field=1/data=21.4</code></p>"
-            "<p>The full key: <code>python3 iotserver.py --show-key</code> on the server. "
+            '<p><code class="url">%s</code></p>'
+            "<p>The full key: %s on the server. "
             "Field 1 is the temperature in °C; the station appears here with its first reading.</p></section>"
-            % (html.escape(base_url), html.escape(masked)))
+            # the long URL may wrap after a slash of its path (or, only where nothing else fits, inside a part)
+            % (html.escape(base_url) + html.escape(_example_url("", masked)).replace("/", "/<wbr>"),
+               _command("python3 iotserver.py --show-key")))
 
 
 def _headline(by_role, history, view, now):
@@ -1499,8 +1556,8 @@ def _headline(by_role, history, view, now):
         detail = "<p>Outside %s · inside %s</p>" % (
             view.show(1, by_role["outdoor"]["fields"][1]["value"]), view.show(1, by_role["indoor"]["fields"][1]["value"]))
     elif "marked" in text:
-        detail = ("<p>Mark them on the server: <code>python3 iotserver.py --role MAC outdoor</code> "
-                  "and <code>--role MAC indoor</code></p>")
+        detail = "<p>Mark them on the server: %s and %s</p>" % (
+            _command("python3 iotserver.py --role MAC outdoor"), _command("--role MAC indoor"))
     return '<section class="headline %s" id="headline"><h1>%s</h1>%s</section>' % (kind, html.escape(text), detail)
 
 
@@ -1605,6 +1662,70 @@ def render_station(store, view, now, mac, refresh, fragment=False, range_name="2
 
 
 ###############################################################################
+# Home-screen app #############################################################
+###############################################################################
+# What "Add to Home Screen" needs: a web app manifest and icons, drawn by the server.
+# They hold no data, so they are served without the key even with --private.
+
+#: The icon, as rectangles on a unit square drawn over a background: a window on the
+#: page's blue. Maskable: all of it lies inside the middle circle a platform may crop to.
+_ICON_BG = "#1668dc"
+_ICON_RECTS = ((0.26, 0.22, 0.74, 0.76, "#ffffff"),
+               (0.30, 0.26, 0.48, 0.47, "#bcd8ff"), (0.52, 0.26, 0.70, 0.47, "#bcd8ff"),
+               (0.30, 0.51, 0.48, 0.72, "#bcd8ff"), (0.52, 0.51, 0.70, 0.72, "#bcd8ff"),
+               (0.24, 0.76, 0.76, 0.80, "#ffffff"))
+#: The icons the page and the manifest name: path -> (content type, pixels; None for SVG).
+ICONS = {"/icon.svg": ("image/svg+xml", None), "/favicon.ico": ("image/x-icon", 32),
+         "/apple-touch-icon.png": ("image/png", 180), "/icon-192.png": ("image/png", 192),
+         "/icon-512.png": ("image/png", 512)}
+
+
+def _png(size):
+    """The icon as an RGB PNG, ``size`` pixels square."""
+    rows = []
+    for y in range(size):
+        row = bytearray(bytes.fromhex(_ICON_BG[1:]) * size)
+        for x0, y0, x1, y1, colour in _ICON_RECTS:
+            if round(y0 * size) <= y < round(y1 * size):
+                left, right = round(x0 * size), round(x1 * size)
+                row[3 * left:3 * right] = bytes.fromhex(colour[1:]) * (right - left)
+        rows.append(b"\0" + row)  # filter type 0: the row as it is
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">2I5B", size, size, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"".join(rows), 9)) + chunk(b"IEND", b""))
+
+
+@functools.lru_cache(maxsize=None)
+def render_icon(path):
+    """The bytes of one of ICONS, drawn on first use and then kept."""
+    kind, size = ICONS[path]
+    if size is None:
+        rects = "".join('<rect x="%g" y="%g" width="%g" height="%g" fill="%s"/>'
+                        % (100 * x0, 100 * y0, 100 * (x1 - x0), 100 * (y1 - y0), colour)
+                        for x0, y0, x1, y1, colour in _ICON_RECTS)
+        return ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 100 100">'
+                '<rect width="100" height="100" rx="18" fill="%s"/>%s</svg>\n' % (_ICON_BG, rects)).encode()
+    png = _png(size)
+    if kind == "image/x-icon":  # an ICO file holding one PNG, as every browser reads it
+        return struct.pack("<3H4B2H2I", 0, 1, 1, size, size, 0, 0, 1, 32, len(png), 22) + png
+    return png
+
+
+def render_manifest():
+    """The web app manifest: name, start page, standalone display, colours, icons."""
+    icons = [{"src": path, "type": kind, "sizes": "%dx%d" % (size, size) if size else "any"}
+             for path, (kind, size) in ICONS.items() if path.startswith("/icon")]
+    icons.append(dict(icons[-1], purpose="maskable"))
+    return _json({"name": "iotserver", "short_name": "iotserver",
+                  "description": "Open the windows or keep them closed? Your sensor stations at a glance.",
+                  "start_url": "/", "scope": "/", "display": "standalone",
+                  "theme_color": _ICON_BG, "background_color": "#f6f7f9", "icons": icons})
+
+
+###############################################################################
 # Read API ####################################################################
 ###############################################################################
 
@@ -1620,14 +1741,20 @@ def render_latest(store, now):
     """/api/latest: every station with its role, last-seen time and latest value per field."""
     with store.snapshot() as snap:
         stations = [snap.latest(s) for s in snap.stations]
-    return _json({"generated": iso_ms(now), "stations": [{
+    listed = [{
         "mac": s["mac"], "name": s["name"], "role": s["role"],
         "last_seen": iso_ms(s["last_seen"]) if s["last_seen"] else None,
         "online": not is_offline(s, now),
-        "fields": {str(n): {"value": f["posted"], "time": iso_ms(f["ts"]), "name": f["field"].name.lower(),
+        "fields": {str(n): {"value": f["posted"], "time": iso_ms(f["ts"]), "name": f["field"].key,
                             "unit": f["field"].unit, "implausible": f["implausible"]}
                    for n, f in sorted(s["fields"].items())},
-    } for s in stations]})
+    } for s in stations]
+    # the same stations keyed by role and by name, each latest value under its field's name,
+    # so one short path reaches a value (Home Assistant: value_json.by_role.outdoor.temperature)
+    flat = [dict({k: v for k, v in s.items() if k != "fields"}, **{f["name"]: f["value"] for f in s["fields"].values()})
+            for s in listed]
+    return _json({"generated": iso_ms(now), "stations": listed,
+                  "by_role": {s["role"]: s for s in flat if s["role"]}, "by_name": {s["name"]: s for s in flat}})
 
 
 def _api_params(query, allowed):
@@ -1727,6 +1854,64 @@ def render_series(store, view, query, now):
                   "unit": unit, "range": query["range"], "bucket_seconds": bucket // 1000,
                   "points": [{"time": iso_ms(start), "min": convert(low), "mean": convert(mean), "max": convert(high),
                               "count": count} for start, low, mean, high, count in points]})
+
+
+###############################################################################
+# Metrics #####################################################################
+###############################################################################
+# /metrics in Prometheus's text format (0.0.4): each station's latest values, and every
+# counter Server.count() keeps, rendered as they come, so a new counter needs no change here.
+
+#: The # HELP text of the counters iotserver keeps; any other counter gets a generic one.
+COUNTER_HELP = {
+    "readings_stored": "Readings answered as stored (a resent one counts, though kept once), by the API they came by.",
+    "readings_refused": "Writes refused (one a request), by reason: invalid, wrong_key, rate_limited, locked...",
+    "rate_limited": "Posts refused because their station posts faster than --rate and --burst allow.",
+    "wrong_keys": "Requests with a wrong API key, channel write key or metrics token.",
+    "notifications": "Notifications, by result and kind.",
+    "requests": "HTTP requests answered, by route and status.",
+}
+
+
+def _sample(name, labels, value):
+    """One line of the text format: name{label="value",...} value, label values escaped."""
+    if labels:
+        name += "{%s}" % ",".join('%s="%s"' % (label, str(text).replace("\\", "\\\\").replace('"', '\\"')
+                                                .replace("\n", "\\n")) for label, text in labels)
+    return "%s %s" % (name, repr(value) if isinstance(value, float) else value)
+
+
+def render_metrics(server, now):
+    """/metrics: per station and field the latest value, age and online state; counters; size; uptime."""
+    with server.store.snapshot() as snap:
+        stations = [snap.latest(s) for s in snap.stations]
+    values, ages, online = [], [], []
+    for s in stations:
+        who = (("station", s["name"]), ("mac", s["mac"]))
+        for n, f in sorted(s["fields"].items()):
+            values.append((who + (("field", n), ("quantity", f["field"].key), ("unit", f["field"].unit)), f["posted"]))
+        if s["last_seen"] is not None:
+            ages.append((who, (now - s["last_seen"]) / 1000))
+        online.append((who, int(not is_offline(s, now))))
+    families = [
+        ("station_value", "gauge", "Latest value of a station's field as sent, in the unit its label names.", values),
+        ("station_last_seen_age_seconds", "gauge", "Seconds since the station's latest reading.", ages),
+        ("station_online", "gauge", "1 while the station posts as usual, 0 once it missed a few posts.", online),
+        ("stations", "gauge", "Stations registered.", [((), len(stations))]),
+    ]
+    counted = server.counter_values()
+    for name in sorted(set(COUNTER_HELP) | {name for (name, _), _ in counted}):
+        families.append((name + "_total", "counter", COUNTER_HELP.get(name, "Count of %s." % name.replace("_", " ")),
+                         [(labels, count) for (counter, labels), count in counted if counter == name]))
+    families += [("database_bytes", "gauge", "Size of the database on disk, write-ahead log included.",
+                  [((), server.store.size())]),
+                 ("uptime_seconds", "gauge", "Seconds since the server started.",
+                  [((), round(time.monotonic() - server.started, 3))])]
+    lines = []
+    for name, kind, text, samples in families:
+        lines += ["# HELP iotserver_%s %s" % (name, text), "# TYPE iotserver_%s %s" % (name, kind)]
+        lines += [_sample("iotserver_" + name, labels, value) for labels, value in samples]
+    return ("\n".join(lines) + "\n").encode("utf-8")
 
 
 ###############################################################################
@@ -2080,13 +2265,16 @@ class Response:
 class Route:
     """One row of the URL table: the path it answers, its methods, its function, who may call it."""
 
-    __slots__ = ("path", "methods", "handler", "auth")
+    __slots__ = ("path", "methods", "handler", "auth", "writes", "label")
 
-    def __init__(self, path, methods, handler, auth=None):
+    def __init__(self, path, methods, handler, auth=None, writes=False):
         self.path = path  # an exact path, or a compiled pattern the whole path must match
         self.methods = tuple(methods.split())
         self.handler = handler  # handler(req, match) -> Response; raises HTTPError
         self.auth = auth  # auth(req, match) raises HTTPError when the caller may not; None: the route checks
+        self.writes = writes  # its refusals are readings refused (/metrics)
+        # the row in /metrics: the path, or a pattern's literal start and '*' (/channels/*)
+        self.label = path if isinstance(path, str) else re.split(r"[\\(\[.?*+{|]", path.pattern, 1)[0] + "*"
 
     def match(self, path):
         """A match object (or the path) when this row answers ``path``, else None."""
@@ -2144,6 +2332,7 @@ class Handler(BaseHTTPRequestHandler):
         self._peer = _plain_ip(self.client_address[0]) if self.client_address else "-"
         # idle: waiting for a request line; reading: its headers or body; busy: answering it
         self._phase, self._since, self._dropped = "idle", time.monotonic(), False
+        self.route = None  # the ROUTES row answering the current request, once found
         self.server.track(self, True)
 
     def finish(self):
@@ -2179,7 +2368,7 @@ class Handler(BaseHTTPRequestHandler):
             self._phase = "busy"
             if self.request_version == "HTTP/0.9":
                 self.request_version = "HTTP/1.0"  # answer with a status line all the same
-            self._body_read = False
+            self._body_read, self.route = False, None
             self.target, self.query = _split_target(self.path)
             self._send(self._safely(self._dispatch))
             self.wfile.flush()
@@ -2204,6 +2393,7 @@ class Handler(BaseHTTPRequestHandler):
             match = route.match(self.target)
             if match is None:
                 continue
+            self.route = route
             if self.command in route.methods:
                 if route.auth:
                     route.auth(self, match)
@@ -2217,12 +2407,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def _safely(self, route):
         """Run a route; every error comes back as a value, none as a traceback to the client."""
+        answer = self._answer(route)
+        if isinstance(answer, HTTPError) and self.route is not None and self.route.writes:
+            self.server.count("readings_refused", reason=answer.reason)
+        return answer
+
+    def _answer(self, route):
+        """The route's Response, or the HTTPError that answers what went wrong."""
         try:
             return route()
         except HTTPError as exc:
             return exc
         except Refused as exc:
-            return HTTPError(HTTPStatus.FORBIDDEN, str(exc))
+            return HTTPError(HTTPStatus.FORBIDDEN, str(exc), reason=exc.reason)
         except MemoryError:
             raise
         except sqlite3.Error as exc:
@@ -2267,10 +2464,12 @@ class Handler(BaseHTTPRequestHandler):
         address = self.client_ip()
         wait = failures.peek(address)
         if wait:
-            raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "too many wrong keys; wait", _retry_after(wait))
+            raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "too many wrong keys; wait", _retry_after(wait),
+                            reason="too_many_wrong_keys")
         result = valid()
         if not result:
             failures.take(address)
+            self.server.count("wrong_keys")
             raise HTTPError(HTTPStatus.UNAUTHORIZED, message, headers)
         return result
 
@@ -2321,6 +2520,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _write(self, status, body, content_type="text/plain; charset=utf-8", headers=()):
         """Status line, headers and body (none for HEAD): the one place an answer is written."""
+        self.server.count("requests", route=self.route.label if self.route else "other", status=int(status))
         self.send_response_only(status)
         self.send_header("Server", self.version_string())
         self.send_header("Date", _http_date())
@@ -2385,11 +2585,23 @@ def channel_access(req, match):
     server = req.server
     if not server.private:
         return
-    given = parse_ts_params(req.query).get("api_key", "").encode()
+    params = parse_ts_params(req.query)
+    given = (params.get("api_key") or params.get("key", "")).encode()
     channel = int(match.group(1))
     req.check_key(lambda: hmac.compare_digest(given, server.api_key().encode())
                   or (server.store.station_for_write_key(given) or (None, None))[1] == channel,
                   "this channel is private: send api_key")
+
+
+def metrics_access(req, match):
+    """/metrics: a scraper's bearer token (--metrics-token), or the same access as the read API."""
+    token = req.server.metrics_token
+    auth = req.headers.get("Authorization", "")
+    if token and auth[:7].lower() == "bearer ":
+        given = auth[7:].strip().encode("utf-8", "replace")
+        req.check_key(lambda: hmac.compare_digest(given, token.encode()), "wrong metrics token")
+    else:
+        read_access(req, match)
 
 
 def on_station_update(req, match):
@@ -2399,8 +2611,10 @@ def on_station_update(req, match):
     req.check_key(lambda: hmac.compare_digest(key, server.api_key().encode()), "wrong API key")
     wait = server.buckets.take(mac)
     if wait:
+        server.count("rate_limited", api="station")
         raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "station %s is posting too often" % mac, _retry_after(wait))
     server.store.add_reading(mac, field, value, max_stations=server.max_stations)
+    server.count("readings_stored", api="station")
     return Response(b"stored\n")
 
 
@@ -2409,8 +2623,10 @@ def _store_bulk(req, mac, entries):
     server = req.server
     wait = server.buckets.take(mac)
     if wait:
+        server.count("rate_limited", api="bulk")
         raise HTTPError(HTTPStatus.TOO_MANY_REQUESTS, "station %s is posting too often" % mac, _retry_after(wait))
     server.store.add_entries(mac, entries, server.max_stations)
+    server.count("readings_stored", sum(len(values) for _, values in entries), api="bulk")
     return Response(_json({"success": True}), HTTPStatus.ACCEPTED, "application/json")
 
 
@@ -2476,7 +2692,7 @@ def _html(body, nonce):
     """A page's answer, with the headers that keep it to itself."""
     return Response(body, content_type="text/html; charset=utf-8", headers=[
         ("Content-Security-Policy", "default-src 'none'; style-src 'nonce-%s'; script-src 'nonce-%s'; "
-         "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+         "connect-src 'self'; img-src 'self' data:; manifest-src 'self'; base-uri 'none'; form-action 'none'; "
          "frame-ancestors 'none'" % (nonce, nonce)),
         ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
         ("Referrer-Policy", "no-referrer")])
@@ -2508,7 +2724,8 @@ def on_ts_update(req, match):
     server = req.server
     body = req.read_body() if req.command == "POST" else b""
     params = parse_ts_params(req.query, body, req.headers.get("Content-Type", ""))
-    key = params.get("api_key") or req.headers.get("X-THINGSPEAKAPIKEY") or req.headers.get("THINGSPEAKAPIKEY")
+    key = (params.get("api_key") or params.get("key")  # older ThingSpeak sketches send key=
+           or req.headers.get("X-THINGSPEAKAPIKEY") or req.headers.get("THINGSPEAKAPIKEY"))
     if not key:
         raise HTTPError(HTTPStatus.UNAUTHORIZED, "api_key missing: a channel's write key (see --channel-key)")
     mac, channel = req.check_key(lambda: server.store.station_for_write_key(key.encode("utf-8", "replace")),
@@ -2516,8 +2733,11 @@ def on_ts_update(req, match):
     values, when = parse_ts_write(params)
     wait = server.buckets.take(mac)
     if wait:  # ThingSpeak's clients read 0 as "not inserted"
+        server.count("rate_limited", api="thingspeak")
+        server.count("readings_refused", reason="rate_limited")
         return Response(b"0", headers=_retry_after(wait))
     entry = server.store.add_entry(mac, values, server.max_stations, when)
+    server.count("readings_stored", len(values), api="thingspeak")
     if not req.target.endswith(".json"):
         return Response(str(entry).encode())
     stored = dict(values)
@@ -2541,9 +2761,30 @@ def on_ts_read(req, match):
     return Response(body, content_type=content_type, headers=_API_HEADERS)
 
 
+def on_metrics(req, match):
+    """GET /metrics: Prometheus's text format."""
+    return Response(render_metrics(req.server, now_ms()), content_type="text/plain; version=0.0.4; charset=utf-8",
+                    headers=[("Cache-Control", "no-store")])
+
+
+_STATIC_HEADERS = [("Cache-Control", "public, max-age=86400"), ("X-Content-Type-Options", "nosniff"),
+                   ("Content-Security-Policy", "default-src 'none'")]
+
+
+def on_manifest(req, match):
+    """GET /manifest.webmanifest: what "Add to Home Screen" reads."""
+    return Response(render_manifest(), content_type="application/manifest+json", headers=_STATIC_HEADERS)
+
+
+def on_icon(req, match):
+    """GET one of ICONS."""
+    return Response(render_icon(req.target), content_type=ICONS[req.target][0], headers=_STATIC_HEADERS)
+
+
 #: The URL space, in one table: path (exact, or a pattern for the whole path), methods,
-#: the function that answers, and the access check run first (None: the route checks a
-#: key that comes with the request itself). A path with no row for the method gets 405.
+#: the function that answers, the access check run first (None: the route checks a key
+#: that comes with the request itself, or serves no data), and whether it stores readings.
+#: A path with no row for the method gets 405.
 ROUTES = (
     Route("/", "GET HEAD", on_page, read_access),
     Route("/api/latest", "GET HEAD", on_latest, read_access),
@@ -2552,14 +2793,17 @@ ROUTES = (
     Route("/api/readings", "GET HEAD", on_readings, read_access),
     Route("/api/readings.json", "GET HEAD", on_readings, read_access),
     Route("/api/readings.csv", "GET HEAD", on_readings, read_access),
-    Route(re.compile(r"/update/.*", re.S), "GET", on_station_update),
-    Route(re.compile(r"/update/[^/]+/[^/]+/?"), "POST", on_station_bulk),
-    Route("/update", "GET POST", on_ts_update),
-    Route("/update.json", "GET POST", on_ts_update),
+    Route("/metrics", "GET HEAD", on_metrics, metrics_access),
+    Route("/manifest.webmanifest", "GET HEAD", on_manifest),
+    *(Route(path, "GET HEAD", on_icon) for path in ICONS),
+    Route(re.compile(r"/update/.*", re.S), "GET", on_station_update, writes=True),
+    Route(re.compile(r"/update/[^/]+/[^/]+/?"), "POST", on_station_bulk, writes=True),
+    Route("/update", "GET POST", on_ts_update, writes=True),
+    Route("/update.json", "GET POST", on_ts_update, writes=True),
     Route(re.compile(r"/channels/([0-9]{1,9})(?:(?P<feeds>/feeds)(?P<feedlast>/last)?|/fields/(?P<field>[1-8])"
                      r"(?P<last>/last|/last_data_age)?)?(?:\.(?P<fmt>json|csv|txt))?", re.ASCII),
           "GET HEAD", on_ts_read, channel_access),
-    Route(re.compile(r"/channels/([0-9]{1,9})/bulk_update\.(json|csv)", re.ASCII), "POST", on_ts_bulk),
+    Route(re.compile(r"/channels/([0-9]{1,9})/bulk_update\.(json|csv)", re.ASCII), "POST", on_ts_bulk, writes=True),
 )
 
 
@@ -2579,7 +2823,7 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address, store, api_key=None, rate=DEFAULT_RATE, burst=DEFAULT_BURST,
                  client_timeout=DEFAULT_TIMEOUT, quiet=False, max_stations=DEFAULT_MAX_STATIONS,
                  view=None, refresh=DEFAULT_REFRESH, private=False, trusted_proxies=("127.0.0.1", "::1"),
-                 max_connections=MAX_CONNECTIONS, public_url=None):
+                 max_connections=MAX_CONNECTIONS, public_url=None, metrics_token=None):
         self.store = store
         self.fixed_key = api_key
         self.buckets = TokenBuckets(rate / 60.0, burst)
@@ -2598,6 +2842,8 @@ class Server(ThreadingHTTPServer):
         self.dropped = 0
         self.max_connections = max_connections
         self.public_url = public_url
+        self.metrics_token = metrics_token
+        self.started = time.monotonic()
         self.counters = collections.Counter()  # (name, labels) -> count; see count()
         self._counters_lock = threading.Lock()
         if ":" in address[0]:
@@ -2611,6 +2857,11 @@ class Server(ThreadingHTTPServer):
         key = (name, tuple(sorted(labels.items())))
         with self._counters_lock:
             self.counters[key] += amount
+
+    def counter_values(self):
+        """Every counter as ((name, labels), count), sorted."""
+        with self._counters_lock:
+            return sorted(self.counters.items(), key=str)
 
     def api_key(self, refresh=True):
         """The key stations must send: the fixed one, or the one stored (it may be rotated)."""
@@ -2679,9 +2930,38 @@ class Server(ThreadingHTTPServer):
         self.server_close()
 
     def url(self):
+        """The address the server listens on, as a URL (http://0.0.0.0:8000/ when on all addresses)."""
+        return _http_url(*self.server_address[:2])
+
+    def urls(self):
+        """Where stations and phones reach the server: on all addresses, this machine's network addresses."""
         host, port = self.server_address[:2]
-        host = "[%s]" % host if ":" in host else host
-        return "http://%s:%d/" % (host, port)
+        if not ipaddress.ip_address(host).is_unspecified:
+            return [self.url()]
+        return [_http_url(address, port) for address in lan_addresses(ipv6=":" in host)] or [_http_url("localhost", port)]
+
+
+def _http_url(host, port):
+    return "http://%s:%d/" % ("[%s]" % host if ":" in host else host, port)
+
+
+def lan_addresses(ipv6=False):
+    """This machine's addresses that others on the network can reach, the default route's first."""
+    found = []
+    for family, target in [(socket.AF_INET, "10.254.254.254")] + [(socket.AF_INET6, "fd00::1")] * ipv6:
+        # connecting a UDP socket sends nothing; it picks the address a packet there would leave from
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((target, 9))
+            found.append(probe.getsockname()[0])
+    with contextlib.suppress(OSError):
+        found += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, type=socket.SOCK_STREAM)]
+    usable = []
+    for text in found:
+        address = ipaddress.ip_address(text.split("%")[0])
+        if (address.version == 4 or ipv6) and not (address.is_loopback or address.is_link_local
+                                                   or address.is_unspecified) and text not in usable:
+            usable.append(text)
+    return usable
 
 
 def serve(server, announce=None):
@@ -2732,6 +3012,17 @@ def _mac_arg(text):
         return parse_mac(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _station_arg(text):
+    """A station by MAC, or by the ThingSpeak channel id that --stations and --add-channel print."""
+    if re.fullmatch(r"[0-9]{1,9}", text, re.ASCII):
+        return int(text)
+    try:
+        return parse_mac(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("give a station's MAC (6c:ef:7a:3b:9d:e8) or its channel id "
+                                         "(see --stations)") from None
 
 
 def _name_arg(text):
@@ -2854,6 +3145,9 @@ def build_parser():
                        help="how often the open page updates itself (default: %(default)s)")
     shown.add_argument("--private", action="store_true",
                        help="the page and read API need the API key (as HTTP password, or ?key=)")
+    shown.add_argument("--metrics-token", metavar="TOKEN", type=_key_arg, default=os.environ.get(METRICS_TOKEN_ENV),
+                       help="a bearer token that lets a scraper (Prometheus) read /metrics, also with --private; "
+                            "also read from $%s" % METRICS_TOKEN_ENV)
 
     admin = parser.add_argument_group("admin actions (run, print, exit)")
     actions = admin.add_mutually_exclusive_group()
@@ -2872,10 +3166,10 @@ def build_parser():
     actions.add_argument("--rotate-key", action="store_true", help="replace the API key with a new random one")
     actions.add_argument("--lock", action="store_true", help="refuse stations not yet registered (403)")
     actions.add_argument("--unlock", action="store_true", help="register unknown stations again")
-    actions.add_argument("--channel-key", type=_mac_arg, metavar="MAC",
-                         help="print a station's ThingSpeak channel id and write key")
-    actions.add_argument("--rotate-channel-key", type=_mac_arg, metavar="MAC",
-                         help="give a station's ThingSpeak channel a new write key")
+    actions.add_argument("--channel-key", type=_station_arg, metavar="STATION",
+                         help="print a station's ThingSpeak channel id and write key (STATION: a MAC or channel id)")
+    actions.add_argument("--rotate-channel-key", type=_station_arg, metavar="STATION",
+                         help="give a station's ThingSpeak channel a new write key (a MAC or channel id)")
     actions.add_argument("--add-channel", type=_name_arg, metavar="NAME",
                          help="create a station for a ThingSpeak client that has no MAC; print its id and key")
     actions.add_argument("--backup", metavar="PATH",
@@ -2892,8 +3186,9 @@ def _example_url(base, key):
     return "%supdate/API_key=%s/mac=6c:ef:7a:3b:9d:e8/field=1/data=21.4" % (base, key)
 
 
-def _base_url(args):
-    return "http://%s:%d/" % (args.host, args.port)
+def _base_url(args, store):
+    """The address examples use: --public-url, else the one the server announced at its last start."""
+    return args.public_url or store.setting("url") or _http_url(args.host, args.port)
 
 
 # -- admin actions: one function per flag, each (args, store, out) -> exit status --
@@ -2936,13 +3231,13 @@ def _cmd_forget(args, store, out):
 def _cmd_show_key(args, store, out):
     key = store.ensure_key()[0]
     print("API key: %s" % key, file=out)
-    print("example: %s" % _example_url(_base_url(args), key), file=out)
+    print("example: %s" % _example_url(_base_url(args, store), key), file=out)
 
 
 def _cmd_rotate_key(args, store, out):
     key = store.rotate_key()
     print("API key: %s" % key, file=out)
-    print("example: %s" % _example_url(_base_url(args), key), file=out)
+    print("example: %s" % _example_url(_base_url(args, store), key), file=out)
     print("every station must now send the new key", file=out)
 
 
@@ -2956,11 +3251,14 @@ def _cmd_unlock(args, store, out):
     print("registration open", file=out)
 
 
+def _print_channel(args, store, out, channel, label, key):
+    print("channel %d (%s) write key: %s" % (channel, label, key), file=out)
+    print("example: %supdate?api_key=%s&field1=21.4" % (_base_url(args, store), key), file=out)
+
+
 def _cmd_channel_key(args, store, out, rotate=False):
-    mac = args.rotate_channel_key if rotate else args.channel_key
-    channel, key = store.write_key(mac, rotate=rotate)
-    print("channel %d (%s) write key: %s" % (channel, mac, key), file=out)
-    print("example: %supdate?api_key=%s&field1=21.4" % (_base_url(args), key), file=out)
+    channel, mac, key = store.write_key(args.rotate_channel_key if rotate else args.channel_key, rotate=rotate)
+    _print_channel(args, store, out, channel, mac, key)
 
 
 def _cmd_rotate_channel_key(args, store, out):
@@ -2968,8 +3266,8 @@ def _cmd_rotate_channel_key(args, store, out):
 
 
 def _cmd_add_channel(args, store, out):
-    channel, key = store.write_key(store.add_channel(args.add_channel))
-    print("channel %d (%s) write key: %s" % (channel, args.add_channel, key), file=out)
+    channel, _, key = store.write_key(store.add_channel(args.add_channel))
+    _print_channel(args, store, out, channel, args.add_channel, key)
 
 
 def _cmd_backup(args, store, out):
@@ -3021,7 +3319,10 @@ def main(argv=None):
                         burst=args.burst, client_timeout=args.timeout, quiet=args.quiet,
                         max_stations=args.max_stations, view=View(args.unit, args.tz, args.dead_band),
                         refresh=args.refresh, private=args.private, trusted_proxies=_proxies(args.trusted_proxy),
-                        max_connections=args.max_connections, public_url=args.public_url)
+                        max_connections=args.max_connections, public_url=args.public_url,
+                        metrics_token=args.metrics_token)
+        urls = [server.public_url] if server.public_url else server.urls()
+        store.set_setting("url", urls[0])  # where --show-key's example points
     except (OSError, sqlite3.Error) as exc:
         log("iotserver: cannot start: %s" % exc)
         store.close()
@@ -3029,11 +3330,13 @@ def main(argv=None):
 
     def announce():
         log("iotserver %s listening on %s (database %s)" % (__version__, server.url(), store.path))
+        if urls != [server.url()]:
+            log("iotserver: stations and phones reach it at %s" % " or ".join(urls))
         if created and not args.api_key:
             if sys.stdout.isatty():
                 # shown once, on a terminal only: a journal or log file must never hold the key
                 print("New API key (shown once; --show-key prints it again): %s" % key)
-                print("Point a station at: %s" % _example_url(server.url(), key), flush=True)
+                print("Point a station at: %s" % _example_url(urls[0], key), flush=True)
             else:
                 log("iotserver: generated an API key; print it with: python3 iotserver.py --db %s --show-key"
                     % store.path)

@@ -14,7 +14,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -22,16 +21,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from launcher import RunningServer  # noqa: E402
+
 KEY = "bench-key-0123456789"
-
-
-def start_server(db):
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "iotserver.py"), "--db", db, "--port", "0",
-                             "--quiet", "--api-key", KEY, "--rate", "1e9", "--burst", "1000000000"],
-                            stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()
-    port = int(re.search(r":(\d+)/", line).group(1))
-    return proc, port
 
 
 def wrk(url, seconds, connections, close):
@@ -71,15 +64,14 @@ def main():
     for close in (False, True):
         with tempfile.TemporaryDirectory() as tmp:
             db = os.path.join(tmp, "bench.db")
-            proc, port = start_server(db)
+            server = RunningServer(db, ["--quiet", "--api-key", KEY, "--rate", "1e9", "--burst", "1000000000"])
             try:
-                url = "http://127.0.0.1:%d/update/API_key=%s/mac=6c:ef:7a:3b:9d:e8/field=1/data=21.4" % (port, KEY)
+                url = "%s/update/API_key=%s/mac=6c:ef:7a:3b:9d:e8/field=1/data=21.4" % (server.url, KEY)
                 result = wrk(url, args.seconds, args.connections, close)
                 time.sleep(0.5)
                 stored = count(db)
             finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
+                server.stop(timeout=30)
             mode = "new connection per request" if close else "keep-alive"
             print("%-27s %2d clients: %7.0f stored readings/s  p50 %s  p99 %s  (%d answered, %d non-2xx, "
                   "%d in the database, socket errors: %s)"

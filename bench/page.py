@@ -16,18 +16,16 @@ import http.client
 import math
 import os
 import platform
-import re
-import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import iotserver  # noqa: E402
+from launcher import RunningServer  # noqa: E402
 
 
 def build(path, size):
@@ -69,11 +67,9 @@ def build(path, size):
 
 
 def measure(path, requests):
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "iotserver.py"), "--db", path, "--port", "0",
-                             "--quiet"], stderr=subprocess.PIPE, text=True)
+    server = RunningServer(path, ["--quiet"])
     try:
-        port = int(re.search(r":(\d+)/", proc.stderr.readline()).group(1))
-        conn = http.client.HTTPConnection("127.0.0.1", port)
+        conn = http.client.HTTPConnection(server.host, server.port)
         times, size = [], 0
         for i in range(requests + 20):
             started = time.perf_counter()
@@ -88,8 +84,7 @@ def measure(path, requests):
         conn.close()
         return times, size
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        server.stop(timeout=30)
 
 
 def main():

@@ -5,13 +5,16 @@
     python3 tests/soak.py --stations 100 --seconds 25        # the short one pytest runs
 
 While hundreds of simulated stations post (a new connection per request, as an
-ESP8266 does) and readers load the page and APIs, it sends hostile traffic (idle
-and slow connections, a key brute-forcer, a flood of invented MACs, malformed and
-oversized requests, injection attempts) and injects faults (SIGTERM, kill -9 and
+ESP8266 does), readers load the page and APIs and a few heavy readers export the
+read API's largest answer (100,000 rows) again and again, it sends hostile traffic
+(idle and slow connections, a key brute-forcer, a flood of invented MACs, malformed
+and oversized requests, injection attempts) and injects faults (SIGTERM, kill -9 and
 restart, another process holding the database's write lock past the server's busy
 timeout, a prune in a second process). Then it checks that every reading answered
 200 is stored exactly once, that no 5xx came but the deliberate 503s, that no
-station was starved, the database's integrity and that the key is in no log.
+station was starved, that every export came whole, the server's peak memory
+(VmHWM) against the unit's MemoryMax, the database's integrity and that the key
+is in no log.
 Prints the figures; exits 1 if any check fails.
 """
 
@@ -23,7 +26,6 @@ import os
 import random
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -31,78 +33,32 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IOTSERVER = os.path.join(ROOT, "iotserver.py")
+from launcher import IOTSERVER, RunningServer
+
 KEY = "soak-key-%s" % os.urandom(6).hex()
 HOST = "127.0.0.1"
 #: Client addresses (all loopback): legitimate stations and each kind of hostile client.
-STATIONS_FROM, BRUTE_FROM, FLOOD_FROM, MALFORMED_FROM, READERS_FROM, SLOW_FROM = (
-    "127.0.0.1", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7")
+STATIONS_FROM, BRUTE_FROM, FLOOD_FROM, MALFORMED_FROM, READERS_FROM, SLOW_FROM, HEAVY_FROM = (
+    "127.0.0.1", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7", "127.0.0.8")
+#: Rows a heavy reader asks for (the read API's largest answer) and how many recent readings there are to give.
+EXPORT_ROWS = 100_000
 #: The server's own wait for a busy database (iotserver.BUSY_TIMEOUT).
 BUSY_TIMEOUT = 5.0
 
 
-class Server:
-    """iotserver.py as a subprocess, restartable on the same port and database."""
-
-    def __init__(self, db, log_path, args):
-        self.db, self.log_path, self.args = db, log_path, args
-        self.port = 0
-        self.proc = None
-        self.exits = []
-
-    def start(self):
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, IOTSERVER, "--db", self.db, "--host", HOST, "--port", str(self.port), "--api-key", KEY]
-            + self.args, stdout=log, stderr=log)
-        log.close()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with open(self.log_path) as f:
-                ports = re.findall(r"listening on http://[^:]+:(\d+)/", f.read())
-            if ports and self.proc.poll() is None:
-                if self.port == 0 or int(ports[-1]) == self.port:
-                    self.port = int(ports[-1])
-                    if _listening(self.port):
-                        return
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited at start: see %s" % self.log_path)
-            time.sleep(0.05)
-        raise RuntimeError("server did not start")
-
-    def signal(self, sig):
-        self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            if os.environ.get("SOAK_DUMP"):
-                subprocess.run(["py-spy", "dump", "--pid", str(self.proc.pid)])
-            self.proc.kill()
-            self.proc.wait()
-            code = "still running 60 s after %s" % signal.Signals(sig).name
-        self.exits.append((signal.Signals(sig).name, code))
-        return code
-
-
-def _listening(port):
+def stop(server, sig):
+    """Signal the server and wait for it (60 s); the exit status, or how it failed to exit."""
     try:
-        socket.create_connection((HOST, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
+        return server.stop(sig, timeout=60)
+    except AssertionError:
+        return server.exits[-1][1]
 
 
-def peak_rss_watch(server, stop, peak):
-    """Sample the server's resident memory (VmRSS) until ``stop``."""
-    while not stop.is_set():
-        try:
-            with open("/proc/%d/status" % server.proc.pid) as f:
-                kb = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
-            peak[0] = max(peak[0], kb)
-        except (OSError, AttributeError):
-            pass
-        stop.wait(0.2)
+def peak_rss_watch(server, stop_event, peak):
+    """The server's peak resident memory (VmHWM, and VmRSS sampled every 0.2 s) until ``stop_event``."""
+    while not stop_event.is_set():
+        peak[0] = max(peak[0], *server.rss_kb())
+        stop_event.wait(0.2)
 
 
 class Stats:
@@ -114,6 +70,7 @@ class Stats:
         self.fault_windows = []  # (start, end, kind)
         self.bad_5xx = []  # (kind, status, when, what)
         self.failures = []  # (when, how long, status, mac) of station posts that failed outside faults
+        self.exports = []  # (format, status, rows or None when cut off, seconds, in a fault window) of heavy reads
         self.started = time.monotonic()
 
     def in_fault(self, when, grace=1.0):
@@ -264,6 +221,58 @@ async def readers(server, stats, end):
         await asyncio.sleep(0.1)
 
 
+def _body(head, data):
+    """The body of a whole HTTP answer, or None when it was cut off (by Content-Length or chunked framing)."""
+    length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.I)
+    if length:
+        return data if len(data) == int(length.group(1)) else None
+    if not re.search(rb"\r\ntransfer-encoding: *chunked", head, re.I):
+        return data  # delimited by the close: no way to tell
+    out, pos = bytearray(), 0
+    while True:
+        eol = data.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        size = int(data[pos:eol].split(b";")[0] or b"x", 16)
+        if size == 0:
+            return bytes(out)
+        out += data[eol + 2:eol + 2 + size]
+        pos = eol + 2 + size + 2
+        if pos > len(data):
+            return None
+
+
+async def heavy_reader(n, server, stats, end):
+    """Export the largest /api/readings answer again and again (JSON and CSV in turn), reading it whole."""
+    fmt = ("json", "csv")[n % 2]
+    while time.monotonic() < end - 5:
+        sent = time.monotonic()
+        writer, status, rows = None, 0, None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(HOST, server.port, local_addr=(HEAVY_FROM, 0)), 20)
+            writer.write(get("/api/readings?limit=%d&format=%s" % (EXPORT_ROWS, fmt)))
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+            status = int(re.match(rb"HTTP/1\.[01] (\d{3}) ", head).group(1))
+            body = _body(head, await asyncio.wait_for(reader.read(), 120))
+            if body is not None and status == 200:
+                rows = body.count(b"\n") - 1 if fmt == "csv" else body.count(b'"mac"')
+        except (OSError, AttributeError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError):
+            pass
+        finally:
+            if writer is not None:
+                writer.close()
+        stats.statuses["heavy reader"][status] += 1
+        if status >= 500 and not (status == 503 and stats.in_lock(sent)):
+            stats.bad_5xx.append(("heavy reader", status, round(sent - stats.started, 1), fmt))
+        stats.exports.append((fmt, status, rows, round(time.monotonic() - sent, 1),
+                              stats.in_fault(sent) or stats.in_fault(time.monotonic())))
+        await asyncio.sleep(1.0)
+        fmt = "csv" if fmt == "json" else "json"
+
+
 def hold_write_lock(db, seconds):
     """Another process holds the write lock longer than the server will wait for it."""
     conn = sqlite3.connect(db, isolation_level=None)
@@ -289,11 +298,11 @@ async def faults(args, server, stats, end, report):
             window = [began, float("inf"), kind]  # open until the server is back
             stats.fault_windows.append(window)
         if kind == "sigterm":
-            code = await loop.run_in_executor(None, server.signal, signal.SIGTERM)
+            code = await loop.run_in_executor(None, stop, server, signal.SIGTERM)
             report["faults"].append("SIGTERM at %.0f s: exit %d" % (began - stats.started, code))
             await loop.run_in_executor(None, server.start)
         elif kind == "kill9":
-            await loop.run_in_executor(None, server.signal, signal.SIGKILL)
+            await loop.run_in_executor(None, stop, server, signal.SIGKILL)
             report["faults"].append("kill -9 at %.0f s" % (began - stats.started))
             await loop.run_in_executor(None, server.start)
         elif kind == "lock":
@@ -343,12 +352,28 @@ def seed_history(db, count):
     conn.close()
 
 
+def seed_recent(db, count):
+    """Readings of the last 23 hours, enough for the heavy readers' largest answer."""
+    conn = sqlite3.connect(db)
+    now = int(time.time() * 1000)
+    step = 23 * 3_600_000 // count
+    with conn:
+        conn.execute("INSERT INTO stations (mac, name, created_at, write_key) VALUES "
+                     "('02:00:00:00:00:02', 'recent', 0, 'EEEEFFFFGGGGHHHH')")
+        sid = conn.execute("SELECT id FROM stations WHERE mac = '02:00:00:00:00:02'").fetchone()[0]
+        conn.executemany("INSERT INTO readings (station_id, field, value, ts) VALUES (?, 1, ?, ?)",
+                         ((sid, round(20 + (i % 100) / 10, 1), now - (count - i) * step) for i in range(count)))
+    conn.close()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stations", type=int, default=200, help="legitimate stations simulated")
     parser.add_argument("--seconds", type=int, default=60, help="length of the run")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between a station's posts")
     parser.add_argument("--slow", type=int, default=200, help="idle/slow (slowloris) connections held open")
+    parser.add_argument("--heavy", type=int, default=3,
+                        help="clients exporting %d readings (/api/readings) again and again" % EXPORT_ROWS)
     parser.add_argument("--seed", type=int, default=1, help="seed for the fault moments and hostile choices")
     parser.add_argument("--json", help="also write the report as JSON to this file")
     args = parser.parse_args()
@@ -364,11 +389,13 @@ def main():
 
     # stations post 2 fields per interval; the per-station limit leaves room but not for a flood
     per_minute = 2 * 60 / args.interval
-    server = Server(db, log_path, ["--rate", "%g" % (per_minute * 2), "--burst", "6", "--timeout", "5",
-                                   "--max-stations", str(args.stations + 25)] + ([] if os.environ.get("SOAK_VERBOSE") else ["--quiet"]))
-    server.start()
+    server = RunningServer(db, ["--api-key", KEY, "--rate", "%g" % (per_minute * 2), "--burst", "6", "--timeout", "5",
+                                "--max-stations", str(args.stations + 25)]
+                           + ([] if os.environ.get("SOAK_VERBOSE") else ["--quiet"]), host=HOST, log_path=log_path)
     history = max(10_000, args.stations * 100)
     seed_history(db, history)
+    if args.heavy:
+        seed_recent(db, EXPORT_ROWS)
     stats = Stats()
     stop_rss, peak = threading.Event(), [0]
     threading.Thread(target=peak_rss_watch, args=(server, stop_rss, peak), daemon=True).start()
@@ -391,12 +418,12 @@ def main():
             hostile("malformed", MALFORMED_FROM, lambda: next(malformed), 60, server, stats, hostile_end),
             slowloris(args.slow, server, stats, hostile_end),
             readers(server, stats, end),
-        ]
+        ] + [heavy_reader(n, server, stats, end) for n in range(args.heavy)]
         await asyncio.gather(*tasks)
 
     asyncio.run(run())
     time.sleep(0.5)
-    report["sigterm_exit"] = server.signal(signal.SIGTERM)
+    report["sigterm_exit"] = stop(server, signal.SIGTERM)
     stop_rss.set()
 
     # -- checks --------------------------------------------------------------------------------
@@ -414,9 +441,10 @@ def main():
     # which matters only in a short run where a station makes ten posts)
     starved = {mac: (stats.accepted[mac], n) for mac, n in stats.attempts.items()
                if stats.accepted[mac] < 0.95 * n - 1}
-    with open(log_path, errors="replace") as f:
-        log = f.read()
+    log = server.log
     legit_429 = stats.statuses["station"][429]
+    whole = [e for e in stats.exports if e[1] == 200 and e[2] == EXPORT_ROWS]
+    short = [e[:4] for e in stats.exports if e[2] != EXPORT_ROWS and not e[4]]
     checks += [
         ("every reading answered 200 is stored", not lost, "%d lost" % len(lost)),
         ("no reading stored twice", not twice, "%d twice" % len(twice)),
@@ -433,11 +461,16 @@ def main():
         ("no traceback in the log", "Traceback" not in log, ""),
         ("peak RSS under 256 MB (the unit's MemoryMax)", peak[0] < 256 * 1024, "%.1f MB" % (peak[0] / 1024)),
     ]
+    if args.heavy:
+        checks.append(("every export outside the fault windows answered 200, whole, %d rows" % EXPORT_ROWS,
+                       whole and not short, "%d whole; not (format, status, rows, seconds): %s"
+                       % (len(whole), short[:5])))
     report.update(
         acknowledged=len(stats.acked), verified=len(stats.acked) - len(lost), lost=len(lost),
         stored_without_answer=unanswered, peak_rss_mb=round(peak[0] / 1024, 1),
         requests={kind: dict(counter) for kind, counter in stats.statuses.items()},
-        deliberate_503=stats.statuses["station"][503],
+        deliberate_503=stats.statuses["station"][503], heavy_readers=args.heavy,
+        whole_exports=len(whole),
     )
 
     print("iotserver soak: %d stations for %d s on %s" % (args.stations, args.seconds, report["machine"]))
@@ -445,12 +478,16 @@ def main():
           "(in flight at kill -9 / timeouts): %d" % (report["acknowledged"], report["verified"], report["lost"],
                                                      unanswered))
     print("  station answers: %s" % dict(stats.statuses["station"]))
-    for kind in ("brute-force key", "random-MAC flood", "malformed", "slowloris", "reader"):
+    for kind in ("brute-force key", "random-MAC flood", "malformed", "slowloris", "reader", "heavy reader"):
         print("  %-17s %s" % (kind + ":", dict(stats.statuses[kind])))
     print("  faults: %s" % "; ".join(report["faults"]))
     print("  fault windows: %s" % ["%s %.1f-%.1f s" % (k, a - stats.started, b - stats.started)
                                    for a, b, k in stats.fault_windows])
-    print("  peak RSS of the server: %.1f MB" % (peak[0] / 1024))
+    took = sorted(e[3] for e in whole)
+    print("  exports of %d rows answered whole: %d%s" % (
+        EXPORT_ROWS, len(took), ", %.1f-%.1f s each (median %.1f)" % (took[0], took[-1], took[len(took) // 2])
+        if took else ""))
+    print("  peak RSS of the server: %.1f MB (%d heavy readers)" % (peak[0] / 1024, args.heavy))
     failed = 0
     for name, ok, detail in checks:
         print("  [%s] %s%s" % ("ok" if ok else "FAIL", name, "" if ok else ": %s" % (detail,)))

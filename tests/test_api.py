@@ -3,11 +3,15 @@
 import csv
 import io
 import json
+import re
 import time
+import urllib.parse
 
 import pytest
 
-from conftest import MAC, MAC2, cli
+from conftest import MAC, MAC2, ROOT, cli, need_module
+
+MAC3 = "6c:ef:7a:3b:9d:ea"
 
 
 def _iso(seconds):
@@ -94,3 +98,43 @@ def test_json_is_strict(server):
     body = server.request("/api/readings")[2]
     values = [r["value"] for r in json.loads(body, parse_constant=lambda c: pytest.fail("non-JSON " + c))]
     assert values == [1e9, -0.0625]
+
+
+def test_latest_by_role_and_by_name(server):
+    assert server.update("21.4", mac=MAC)[0] == 200
+    assert server.update("1013.2", mac=MAC, field=2)[0] == 200
+    assert server.update("25.5", mac=MAC2)[0] == 200
+    cli(server.db, "--role", MAC, "outdoor")
+    cli(server.db, "--rename", MAC, "Window")
+    data = json.loads(server.request("/api/latest")[2])
+    assert list(data) == ["generated", "stations", "by_role", "by_name"]  # the old fields as they were
+    outdoor = data["by_role"]["outdoor"]
+    assert outdoor["temperature"] == 21.4 and outdoor["pressure"] == 1013.2 and outdoor["online"] is True
+    assert outdoor["mac"] == MAC and outdoor["name"] == "Window" and outdoor["last_seen"] == data["stations"][0]["last_seen"]
+    assert list(data["by_role"]) == ["outdoor"]
+    assert data["by_name"]["Window"] == outdoor
+    assert data["by_name"][MAC2]["temperature"] == 25.5  # a station never renamed is named by its MAC
+
+
+def test_the_readmes_home_assistant_configuration_reads_the_live_json(server):
+    yaml, jinja2 = need_module("yaml"), need_module("jinja2")
+    block = re.search(r"^## Home Assistant\n.*?^```yaml\n(.*?)^```", (ROOT / "README.md").read_text(),
+                      re.S | re.M).group(1)
+    rest = yaml.safe_load(block)["rest"][0]
+    assert urllib.parse.urlsplit(rest["resource"]).path == "/api/latest"
+    for value, mac, field in (("20.5", MAC, 1), ("1013.25", MAC, 2), ("23", MAC2, 1), ("64.5", MAC3, 3)):
+        assert server.update(value, mac=mac, field=field)[0] == 200
+    cli(server.db, "--role", MAC, "outdoor")
+    cli(server.db, "--role", MAC2, "indoor")
+    cli(server.db, "--rename", MAC3, "Greenhouse")
+    data = json.loads(server.request(urllib.parse.urlsplit(rest["resource"]).path)[2])
+    # Home Assistant renders value_template with Jinja2, value_json being the parsed answer
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    shown = {}
+    for sensor in rest["sensor"] + rest["binary_sensor"]:
+        template = sensor["value_template"]
+        assert re.fullmatch(r"\{\{ value_json(\.\w+|\['[^']+'\])+ \}\}", template), template  # one path each
+        shown[sensor["name"]] = env.from_string(template).render(value_json=data)
+    assert shown == {"Outside temperature": "20.5", "Inside temperature": "23.0", "Outside pressure": "1013.25",
+                     "Greenhouse humidity": "64.5", "Outdoor station": "True"}
+    assert all(s["unique_id"].startswith("iotserver_") for s in rest["sensor"] + rest["binary_sensor"])

@@ -99,6 +99,88 @@ def test_dark_mode_follows_the_phone(browser, weather):
     light.close()
 
 
+def test_add_to_home_screen_gets_an_app_with_an_icon(browser, weather, tmp_path):
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(weather.url + "/")
+    href = page.evaluate("document.querySelector('link[rel=manifest]').href")
+    assert href == weather.url + "/manifest.webmanifest"
+    manifest = page.evaluate("fetch(document.querySelector('link[rel=manifest]').href).then(r => r.json())")
+    assert manifest["name"] == "iotserver" and manifest["short_name"] and manifest["display"] == "standalone"
+    assert manifest["start_url"] == "/" and manifest["theme_color"].startswith("#")
+    # Chromium's own reading of the manifest: no parse errors, every field understood
+    cdp = page.context.new_cdp_session(page)
+    read = cdp.send("Page.getAppManifest")
+    assert read["url"] == href and read["errors"] == []
+    assert read["manifest"]["display"] == "kStandalone" and read["manifest"]["startUrl"] == weather.url + "/"
+    # every icon the manifest and the page name decodes as an image of its stated size
+    icons = [i["src"] for i in manifest["icons"]] + [
+        page.evaluate("document.querySelector('link[rel=%s]').getAttribute('href')" % rel)
+        for rel in ("apple-touch-icon", "icon")]
+    loaded = page.evaluate("""srcs => Promise.all(srcs.map(src => new Promise(done => {
+        const img = new Image(); img.onload = () => done([src, img.naturalWidth, img.naturalHeight]);
+        img.onerror = () => done([src, 0, 0]); img.src = src; })))""", icons)
+    sizes = {src: (w, h) for src, w, h in loaded}
+    assert sizes["/apple-touch-icon.png"] == (180, 180)
+    assert sizes["/icon-192.png"] == (192, 192) and sizes["/icon-512.png"] == (512, 512)
+    assert sizes["/icon.svg"][0] > 0
+    assert page.evaluate("document.querySelector('meta[name=theme-color]').content").startswith("#")
+    assert not errors, errors
+    page.close()
+    # and Chromium would install it (a normal profile: the test's own contexts are incognito)
+    context = browser.browser_type.launch_persistent_context(str(tmp_path / "profile"),
+                                                             executable_path=need_tool("chromium"), args=FLAGS)
+    try:
+        page = context.new_page()
+        page.goto(weather.url + "/")
+        assert context.new_cdp_session(page).send("Page.getInstallabilityErrors")["installabilityErrors"] == []
+    finally:
+        context.close()
+
+
+# Where each line of a <code> wraps: the character before the break and what collapsed at it.
+_BREAKS = """() => [...document.querySelectorAll("main code")].map(code => {
+    const text = code.textContent, chars = [];
+    let offset = 0;
+    const walker = document.createTreeWalker(code, NodeFilter.SHOW_TEXT);
+    for (let node; (node = walker.nextNode()); offset += node.length) {
+        for (let i = 0; i < node.length; i++) {
+            const range = document.createRange();
+            range.setStart(node, i); range.setEnd(node, i + 1);
+            const rect = range.getClientRects()[0];
+            if (rect && rect.width > 0) chars.push([offset + i, rect.top]);
+        }
+    }
+    const breaks = [];
+    for (let i = 1; i < chars.length; i++) {
+        if (chars[i][1] > chars[i - 1][1] + 2) {
+            breaks.push([text[chars[i - 1][0]], text.slice(chars[i - 1][0] + 1, chars[i][0])]);
+        }
+    }
+    return [text, breaks];
+})"""
+
+
+@pytest.mark.parametrize("width", [320, 390])
+def test_code_on_a_phone_wraps_between_words_and_after_slashes(browser, start, width):
+    server = start(*FAST)
+    page = browser.new_page(viewport={"width": width, "height": 700})
+    page.goto(server.url + "/")  # the empty state: the station URL and the --show-key command
+    codes = page.evaluate(_BREAKS)
+    url = next(breaks for text, breaks in codes if "/update/" in text)
+    assert url and all(before == "/" for before, _ in url), url  # it wraps, after slashes only
+    assert server.update("20")[0] == 200
+    page.goto(server.url + "/")  # a station without a role: "python3 iotserver.py --role MAC outdoor"
+    codes += page.evaluate(_BREAKS)
+    assert any("--role" in text for text, _ in codes)
+    for text, breaks in codes:
+        if "/update/" not in text:
+            assert all(" " in collapsed or before == " " for before, collapsed in breaks), (text, breaks)
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    page.close()
+
+
 def test_range_links_and_station_pages_work_without_javascript(browser, weather):
     context = browser.new_context(java_script_enabled=False, viewport={"width": 390, "height": 844})
     page = context.new_page()

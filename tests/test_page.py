@@ -2,10 +2,13 @@
 
 import base64
 import html
+import http.client
 import json
 import re
 import sqlite3
+import struct
 import time
+import zlib
 
 import pytest
 
@@ -106,7 +109,7 @@ def test_missing_roles_say_what_to_do(server):
     assert server.update("25.0", mac=IN)[0] == 200
     kind, text = headline(server)
     assert (kind, text) == ("unknown", "Can't compare yet: no station is marked outdoor")
-    assert "--role MAC outdoor" in server.request("/")[2]
+    assert "--role MAC outdoor" in re.sub(r"<[^>]*>", "", server.request("/")[2])  # the text as shown
     cli(server.db, "--role", IN, "outdoor")
     assert headline(server) == ("unknown", "Can't compare yet: no station is marked indoor")
 
@@ -186,7 +189,8 @@ def test_empty_state_shows_how_to_point_a_station(server):
     status, _, body = server.request("/", headers={"Host": "weather.example.org"})
     assert status == 200
     assert "No readings yet" in body
-    assert "http://weather.example.org/update/API_key=%s…/mac=" % server.key[:4] in body
+    # the URL as the phone shows it (<wbr> marks where a long URL may wrap: after a slash)
+    assert "http://weather.example.org/update/API_key=%s…/mac=" % server.key[:4] in body.replace("<wbr>", "")
     assert server.key not in body
     assert "--show-key" in body
 
@@ -241,3 +245,63 @@ def test_many_stations_keep_the_page_short(start):
     cards = re.findall(r'<section class="card[^"]*" data-mac="([^"]+)"', body)
     assert cards == ["02:00:00:00:01:%02x" % i for i in range(24)]  # by name: the same cards at every post
     assert len(json.loads(server.request("/api/latest")[2])["stations"]) == 40
+
+
+def _png_size(data):
+    """(width, height) of a PNG, after checking its chunks' CRCs and that its pixels inflate to that size."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(kind + body)
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + length
+    width, height, depth, colour = struct.unpack(">2I2B", chunks[b"IHDR"][:10])
+    assert (depth, colour) == (8, 2)  # 8-bit RGB: no transparency, which iOS would fill with black
+    assert len(zlib.decompress(chunks[b"IDAT"])) == height * (1 + 3 * width)
+    assert b"IEND" in chunks
+    return width, height
+
+
+def _raw(server, path):
+    """(status, content type, body bytes) of a GET."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type"), resp.read()
+    finally:
+        conn.close()
+
+
+def test_home_screen_manifest_and_icons_need_no_key(start):
+    server = start("--private", *FAST)
+    assert server.update("20")[0] == 200
+    status, headers, body = server.request("/manifest.webmanifest")
+    assert status == 200 and headers["content-type"] == "application/manifest+json"
+    manifest = json.loads(body)
+    assert manifest["display"] == "standalone" and manifest["start_url"] == "/" and manifest["short_name"]
+    assert "20" not in body  # no data in it
+    pngs = [i for i in manifest["icons"] if i["type"] == "image/png"]
+    assert {i["sizes"] for i in pngs} == {"192x192", "512x512"}
+    assert any(i.get("purpose") == "maskable" for i in pngs)
+    for icon in manifest["icons"]:
+        status, kind, data = _raw(server, icon["src"])
+        assert status == 200 and kind == icon["type"], icon
+        if kind == "image/png":
+            assert "%dx%d" % _png_size(data) == icon["sizes"]
+    assert _png_size(_raw(server, "/apple-touch-icon.png")[2]) == (180, 180)
+    ico = _raw(server, "/favicon.ico")[2]
+    count, = struct.unpack("<4xH", ico[:6])
+    size, offset = struct.unpack("<8xII", ico[6:22])
+    assert count == 1 and _png_size(ico[offset:offset + size]) == (32, 32)  # an ICO holding one PNG
+    assert "<svg" in server.request("/icon.svg")[2]
+    # the page links them, and its policy lets the browser fetch the manifest
+    auth = {"Authorization": "Basic " + base64.b64encode(b"me:" + server.key.encode()).decode()}
+    status, headers, body = server.request("/", headers=auth)
+    assert '<link rel="manifest" href="/manifest.webmanifest">' in body
+    assert '<link rel="apple-touch-icon" href="/apple-touch-icon.png">' in body
+    assert re.search(r'<link rel="icon" href="/icon.svg"', body) and '<meta name="theme-color"' in body
+    assert "manifest-src 'self'" in headers["content-security-policy"]
+    assert server.request("/api/latest")[0] == 401  # the rest stays private

@@ -196,6 +196,25 @@ def test_private_channels_need_a_key(start):
     assert key not in server.log
 
 
+def test_older_sketches_send_key_and_thingspeaks_own_time_format(server, channel):
+    channel_id, key = channel
+    # older ThingSpeak sketches write /update?key=KEY
+    status, body = _get(server, "/update?key=%s&field1=18.5" % key)
+    assert status == 200 and int(body) > 0
+    assert _get(server, "/update?key=WRONGWRONGWRONG1&field1=1")[0] == 401
+    # ThingSpeak's documented example: a one-digit second and a space before the offset; and the
+    # "... UTC" form its own CSV feeds write
+    when = urllib.parse.quote("2026-01-21 10:26:2 -0500")
+    assert _get(server, "/update?api_key=%s&field1=1&created_at=%s" % (key, when))[0] == 200
+    when = urllib.parse.quote("2026-01-21 16:00:00 UTC")
+    assert _get(server, "/update?api_key=%s&field1=2&created_at=%s" % (key, when))[0] == 200
+    feed = json.loads(_get(server, "/channels/%d/fields/1.json?start=2026-01-21&end=2026-01-22" % channel_id)[1])
+    assert [(f["created_at"], f["field1"]) for f in feed["feeds"]] == [
+        ("2026-01-21T15:26:02Z", "1"), ("2026-01-21T16:00:00Z", "2")]
+    assert [r[2] for r in server.rows()] == [1.0, 2.0, 20.0, 18.5]  # in time order
+    assert key not in server.log
+
+
 def test_aggregated_reads_as_thingspeak_documents_them(server, channel):
     """average, median, sum, timescale (10 ... 1440 minutes or daily) and round, on a morning of entries."""
     channel_id, key = channel
