@@ -17,6 +17,7 @@ Prints figures; asserts nothing. The 10M database takes about two minutes to bui
 """
 
 import argparse
+import contextlib
 import http.client
 import math
 import os
@@ -130,9 +131,12 @@ def main():
     parser.add_argument("--cache", help="directory to keep the built databases in")
     parser.add_argument("--skip-storage", action="store_true", help="only the pages")
     args = parser.parse_args()
+    cpu = platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
     print("machine: %s, %d cores, %s, Python %s, SQLite %s" % (
-        platform.platform(), os.cpu_count(), platform.processor() or platform.machine(), platform.python_version(),
-        sqlite3.sqlite_version))
+        platform.platform(), os.cpu_count(), cpu, platform.python_version(), sqlite3.sqlite_version))
     tmp = None if args.cache else tempfile.TemporaryDirectory()
     folder = args.cache or tmp.name
     os.makedirs(folder, exist_ok=True)
