@@ -1467,7 +1467,7 @@ dt{color:var(--muted);font-size:.9rem}dd{margin:0}
 .legend{font-size:.85rem;color:var(--muted)}.legend b{font-weight:600;color:var(--c)}
 .ranges{display:flex;gap:6px;margin:16px 0 0}.ranges a{padding:4px 12px;border:1px solid var(--line);border-radius:999px;
 color:var(--fg);text-decoration:none;background:var(--card)}.ranges a[aria-current]{background:var(--fg);color:var(--bg)}
-.card h2 a{color:inherit;text-decoration:none}.back{margin:0 0 12px}
+.card h2 a{color:inherit;text-decoration:none}.back{margin:0 0 12px}.implausible{display:block;font-size:.8rem}
 code{font-size:.85rem}.url{overflow-wrap:anywhere}.word{white-space:nowrap}
 footer{color:var(--muted);font-size:.8rem;margin-top:16px;text-align:center}
 """
