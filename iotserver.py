@@ -19,11 +19,13 @@ import email.message
 import email.utils
 import functools
 import hashlib
+import heapq
 import hmac
 import html
 import http.client
 import io
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -391,11 +393,113 @@ class TokenBuckets:
 
 
 ###############################################################################
+# Fields and units ############################################################
+###############################################################################
+# What a station's field holds: FIELDS (see Advice) unless the owner said otherwise with
+# --field. Values are stored as posted; the page, the charts and the advice read them in one
+# unit per quantity, and a value outside the quantity's plausible range is flagged.
+
+#: Quantities converted and checked, by field name: the unit they are read in, the plausible
+#: range in that unit (air at a weather station), and the units a station may post in, each as
+#: (offset, factor) to that unit.
+QUANTITIES = {
+    "temperature": ("°C", -60.0, 60.0, {"°C": (0.0, 1.0), "°F": (-32.0, 5 / 9), "K": (-273.15, 1.0)}),
+    "pressure": ("hPa", 300.0, 1100.0, {"hPa": (0.0, 1.0), "mbar": (0.0, 1.0), "Pa": (0.0, 0.01),
+                                        "kPa": (0.0, 10.0), "inHg": (0.0, 33.8639), "mmHg": (0.0, 1.333224)}),
+    "humidity": ("%", 0.0, 100.0, {"%": (0.0, 1.0)}),
+}
+
+
+class Field:
+    """One field of a station: its name, the unit it is posted in, how to read it in its quantity's unit."""
+
+    __slots__ = ("number", "name", "key", "unit", "quantity")
+
+    def __init__(self, number, name=None, unit=None):
+        default = FIELDS.get(number, ("Field %d" % number, ""))
+        self.number, self.name = number, name or default[0]
+        self.key = self.name.lower() if name or number in FIELDS else "field%d" % number  # its name in the APIs
+        self.unit = default[1] if unit is None else unit
+        quantity = QUANTITIES.get(self.name.lower())
+        self.quantity = quantity if quantity and self.unit in quantity[3] else None
+
+    @property
+    def base_unit(self):
+        """The unit convert() gives: the quantity's (°C, hPa, %), or the posted one."""
+        return self.quantity[0] if self.quantity else self.unit
+
+    def convert(self, value):
+        if value is None or not self.quantity:
+            return value
+        offset, factor = self.quantity[3][self.unit]
+        return (value + offset) * factor
+
+    def plausible(self, value):
+        """Whether a converted value can be real (a wrong unit or a broken sensor is not)."""
+        return not self.quantity or self.quantity[1] <= value <= self.quantity[2]
+
+
+def field_unit(name, text):
+    """The unit ``text`` names for a field called ``name`` ('f' for a temperature is '°F'), or ValueError."""
+    quantity = QUANTITIES.get(name.lower())
+    if not quantity:
+        if len(text) > 16 or not text.isprintable():
+            raise ValueError("a unit is at most 16 printable characters")
+        return text
+    for unit in quantity[3]:
+        if text.lower() in (unit.lower(), unit.lstrip("°").lower()):
+            return unit
+    raise ValueError("a %s is posted in %s" % (name.lower(), ", ".join(u.lstrip("°") for u in quantity[3])))
+
+
+###############################################################################
 # Storage #####################################################################
 ###############################################################################
 
+HOUR_MS, DAY_MS = 3_600_000, 86_400_000
+#: The rollups kept of every station's field: hourly and daily (UTC).
+ROLLUP_SPANS = (HOUR_MS, DAY_MS)
+_SPANS = ", ".join("(%d)" % span for span in ROLLUP_SPANS)
+
+
+def _pack(value):
+    """A value as stored: the integer m*8+e when it is exactly m/10**e (2-3 bytes on disk), else the float."""
+    if value or math.copysign(1.0, value) > 0:  # -0.0 stays a float, its sign intact
+        for e in range(8):
+            m = round(value * 10 ** e)
+            if abs(m) < 2 ** 49 and m / 10 ** e == value:
+                return m * 8 + e
+    return value
+
+
+def _unpack(stored):
+    """The value a stored number stands for (_pack undone): exactly the float that was posted."""
+    return stored if isinstance(stored, float) else (stored >> 3) / 10 ** (stored & 7)
+
+
+def _unpacked(column):
+    """_unpack as an SQL expression (the same division, so the same float) for the view and the triggers."""
+    return ("(CASE WHEN typeof(%s) = 'integer' THEN (%s >> 3) / (CASE %s & 7 %s END) ELSE %s END)"
+            % (column, column, column, " ".join("WHEN %d THEN 1e%d" % (e, e) for e in range(8)), column))
+
+
+def _copied(rows):
+    """Readings of schema 2, in key order, for the samples table: packed, and numbered within a millisecond."""
+    last, n = None, 0
+    for station_id, field, ts, value in rows:
+        n = n + 1 if (station_id, field, ts) == last else 0
+        last = (station_id, field, ts)
+        yield station_id, field, ts, n, _pack(value)
+
+
+def _insert(station_id, field, ts, value):
+    """The SQL that stores a reading, numbered after any its field already has in that millisecond."""
+    return ("INSERT INTO samples (station_id, field, ts, n, v) SELECT {s}, {f}, {t}, coalesce(max(n) + 1, 0), {v} "
+            "FROM samples WHERE station_id = {s} AND field = {f} AND ts = {t}").format(s=station_id, f=field, t=ts, v=value)
+
+
 #: Schema changes in order; migration N is recorded as PRAGMA user_version = N
-#: in the same transaction that applies it.
+#: in the same transaction that applies it. A step is an SQL statement or a function of the connection.
 MIGRATIONS = (
     (
         """CREATE TABLE stations (
@@ -423,6 +527,67 @@ MIGRATIONS = (
         "CREATE UNIQUE INDEX stations_write_key ON stations (write_key)",
         # the readings written together in one ThingSpeak update; NULL means the row's own id
         "ALTER TABLE readings ADD COLUMN entry INTEGER",
+    ),
+    (
+        # a reading costs its key and its packed value (about 19 bytes on disk): no rowid, no
+        # index beside the key; an entry (the fields of one write) is known by its time. n numbers
+        # the readings a field got in one millisecond (0, stored in no bytes, but for a flood)
+        """CREATE TABLE samples (
+            station_id INTEGER NOT NULL REFERENCES stations (id),
+            field INTEGER NOT NULL CHECK (field BETWEEN 1 AND 8),
+            ts INTEGER NOT NULL,
+            n INTEGER NOT NULL,
+            v NOT NULL,
+            PRIMARY KEY (station_id, field, ts, n)) WITHOUT ROWID""",
+        lambda conn: conn.executemany("INSERT INTO samples (station_id, field, ts, n, v) VALUES (?, ?, ?, ?, ?)",
+                                      _copied(conn.execute("SELECT station_id, field, ts, value FROM readings "
+                                                           "ORDER BY station_id, field, ts"))),
+        "DROP TABLE readings",
+        # hourly and daily (UTC) summaries: what charts longer than a day draw; pruning keeps them
+        """CREATE TABLE rollups (
+            station_id INTEGER NOT NULL REFERENCES stations (id),
+            field INTEGER NOT NULL,
+            span INTEGER NOT NULL,
+            start INTEGER NOT NULL,
+            count INTEGER NOT NULL,
+            total REAL NOT NULL,
+            low REAL NOT NULL,
+            high REAL NOT NULL,
+            PRIMARY KEY (station_id, field, span, start)) WITHOUT ROWID""",
+        """INSERT INTO rollups (station_id, field, span, start, count, total, low, high)
+           SELECT station_id, field, span.column1, ts - ts %% span.column1, count(*), sum(value), min(value), max(value)
+           FROM (SELECT station_id, field, ts, %s AS value FROM samples), (VALUES %s) AS span
+           GROUP BY 1, 2, 3, 4""" % (_unpacked("v"), _SPANS),
+        # every write path keeps the rollups current: the server's, a back-dated or bulk entry, plain SQL
+        """CREATE TRIGGER samples_rollup AFTER INSERT ON samples BEGIN
+           INSERT INTO rollups (station_id, field, span, start, count, total, low, high)
+           SELECT NEW.station_id, NEW.field, span.column1, NEW.ts - NEW.ts %% span.column1, 1, %s, %s, %s
+           FROM (VALUES %s) AS span WHERE true
+           ON CONFLICT DO UPDATE SET count = count + 1, total = total + excluded.total,
+               low = min(low, excluded.low), high = max(high, excluded.high);
+           END""" % ((_unpacked("NEW.v"),) * 3 + (_SPANS,)),
+        # the readings as before, values unpacked, for your own SQL (and older tools): id orders
+        # them by time, then field; entry is the ThingSpeak entry id (the time). Written to by
+        # hand, the rollups take what is inserted and keep what is deleted (as after a prune)
+        """CREATE VIEW readings (id, station_id, field, value, ts, entry, n) AS
+           SELECT ts * 8 + field - 1, station_id, field, %s, ts, ts, n FROM samples""" % _unpacked("v"),
+        """CREATE TRIGGER readings_insert INSTEAD OF INSERT ON readings BEGIN
+           %s;
+           END""" % _insert("NEW.station_id", "NEW.field", "NEW.ts", "CAST(NEW.value AS REAL)"),
+        """CREATE TRIGGER readings_delete INSTEAD OF DELETE ON readings BEGIN
+           DELETE FROM samples WHERE station_id = OLD.station_id AND field = OLD.field AND ts = OLD.ts AND n = OLD.n;
+           END""",
+        """CREATE TRIGGER readings_update INSTEAD OF UPDATE ON readings BEGIN
+           DELETE FROM samples WHERE station_id = OLD.station_id AND field = OLD.field AND ts = OLD.ts AND n = OLD.n;
+           %s;
+           END""" % _insert("NEW.station_id", "NEW.field", "NEW.ts", "CAST(NEW.value AS REAL)"),
+        # what a station's field holds when it is not what FIELDS says (--field)
+        """CREATE TABLE fields (
+            station_id INTEGER NOT NULL REFERENCES stations (id),
+            field INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            PRIMARY KEY (station_id, field))""",
     ),
 )
 
@@ -517,11 +682,36 @@ class Store:
         if version > len(MIGRATIONS):
             raise StoreError("database %s has schema %d; this iotserver knows only %d (newer iotserver?)"
                              % (self.path, version, len(MIGRATIONS)))
-        for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+        converting = 0 < version < len(MIGRATIONS)
+        if converting:
+            # a note committed on its own: if the conversion never finishes, the next start says so
             with self.atomic() as conn:
-                for statement in statements:
-                    conn.execute(statement)
-                conn.execute("PRAGMA user_version = %d" % number)
+                again = conn.execute("SELECT value FROM settings WHERE name = 'converting'").fetchone()
+                conn.execute("INSERT OR REPLACE INTO settings (name, value) VALUES ('converting', ?)",
+                             (str(len(MIGRATIONS)),))
+            if again:
+                log("iotserver: the last conversion of %s did not finish; the database was left as it was "
+                    "(schema %d)" % (self.path, version))
+            log("iotserver: converting %s from schema %d to %d (once; an interruption leaves it as it is)"
+                % (self.path, version, len(MIGRATIONS)))
+        try:
+            for number, steps in enumerate(MIGRATIONS[version:], start=version + 1):
+                with self.atomic() as conn:
+                    for step in steps:
+                        step(conn) if callable(step) else conn.execute(step)
+                    conn.execute("DELETE FROM settings WHERE name = 'converting'")
+                    conn.execute("PRAGMA user_version = %d" % number)
+                version = number
+        except BaseException:
+            if converting:
+                log("iotserver: the conversion stopped; %s is as it was (schema %d)" % (self.path, version))
+            raise
+        if converting:
+            free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+            pages = self._conn.execute("PRAGMA page_count").fetchone()[0]
+            if free > pages // 4:  # the old tables' space: give it back to the disk
+                self._conn.execute("VACUUM")
+            log("iotserver: converted %s to schema %d" % (self.path, version))
 
     def close(self):
         """Close the database (after a final checkpoint)."""
@@ -644,18 +834,14 @@ class Store:
                             "INSERT INTO stations (mac, name, created_at, write_key) VALUES (?, ?, ?, ?)",
                             (item.mac, item.mac, item.ts, write_key)).lastrowid
                         keys[write_key] = item.mac
-                    entry, stored = None, {}  # entry: the first row's own id; the entry's other rows point to it
-                    if item.measured:
-                        stored = dict(conn.execute("SELECT field, coalesce(entry, id) FROM readings "
-                                                   "WHERE station_id = ? AND ts = ?", (station_id, item.ts)))
-                        entry = next(iter(stored.values()), None)
-                    item.values = [(f, v) for f, v in item.values if f not in stored]  # the rest was sent before
-                    for field, value in item.values:
-                        row = conn.execute(
-                            "INSERT INTO readings (station_id, field, value, ts, entry) VALUES (?, ?, ?, ?, ?)",
-                            (station_id, field, value, item.ts, entry)).lastrowid
-                        entry = entry or row
-                    item.entry = entry
+                    if item.measured:  # a retry: fields already stored at this measurement time are not stored again
+                        stored = {f for (f,) in conn.execute(  # eight key look-ups
+                            "SELECT field FROM samples WHERE station_id = ? AND field IN (1, 2, 3, 4, 5, 6, 7, 8) "
+                            "AND ts = ?", (station_id, item.ts))}
+                        item.values = [(f, v) for f, v in item.values if f not in stored]
+                    conn.executemany(_insert("?1", "?2", "?3", "?4"),
+                                     [(station_id, f, item.ts, _pack(v)) for f, v in item.values])
+                    item.entry = item.ts  # an entry is known by its time: that is its id
         except Exception as exc:
             for item in batch:
                 item.entry, item.error = None, exc
@@ -732,26 +918,35 @@ class Store:
                 conn.execute("UPDATE stations SET role = NULL WHERE role = ?", (role,))
             conn.execute("UPDATE stations SET role = ? WHERE id = ?", (role, station_id))
 
-    def _delete_batches(self, where, params, pause=0.005):
-        """Delete readings matching ``where`` in short transactions; return how many."""
+    def set_field(self, mac, number, name, unit):
+        """Say what a station's field holds (see Field): its name and the unit it is posted in."""
+        with self.atomic() as conn:
+            conn.execute("INSERT OR REPLACE INTO fields (station_id, field, name, unit) VALUES (?, ?, ?, ?)",
+                         (self._station_id(conn, mac), number, name, unit))
+
+    def _delete_batches(self, table, where, params, pause=0.005):
+        """Delete rows of samples or rollups matching ``where`` in short transactions; return how many."""
+        key = "station_id, field, ts, n" if table == "samples" else "station_id, field, span, start"
         total = 0
         while True:
             with self.atomic() as conn:
-                deleted = conn.execute(
-                    "DELETE FROM readings WHERE id IN (SELECT id FROM readings WHERE %s LIMIT %d)"
-                    % (where, PRUNE_BATCH), params).rowcount
+                deleted = conn.execute("DELETE FROM %s WHERE (%s) IN (SELECT %s FROM %s WHERE %s LIMIT %d)"
+                                       % (table, key, key, table, where, PRUNE_BATCH), params).rowcount
             total += deleted
             if deleted < PRUNE_BATCH:
                 return total
             time.sleep(pause)  # let the server's writes in between batches
 
     def forget(self, mac):
-        """Delete a station and all its readings; return how many readings went."""
+        """Delete a station, all its readings and their rollups; return how many readings went."""
         with self._lock:
             station_id = self._station_id(self._conn, mac)
-        total = self._delete_batches("station_id = ?", (station_id,))
+        total = self._delete_batches("samples", "station_id = ?", (station_id,))
+        self._delete_batches("rollups", "station_id = ?", (station_id,))
         with self.atomic() as conn:
-            total += conn.execute("DELETE FROM readings WHERE station_id = ?", (station_id,)).rowcount
+            total += conn.execute("DELETE FROM samples WHERE station_id = ?", (station_id,)).rowcount
+            for table in ("rollups", "fields"):
+                conn.execute("DELETE FROM %s WHERE station_id = ?" % table, (station_id,))
             conn.execute("DELETE FROM stations WHERE id = ?", (station_id,))
         return total
 
@@ -786,12 +981,17 @@ class Store:
                 total += os.path.getsize(path)
         return total
 
-    def prune(self, days):
-        """Delete readings older than ``days`` days, station by station, in batches."""
-        cutoff = now_ms() - int(days * 86_400_000)
+    def prune(self, days, rollups=False):
+        """Delete readings (or with ``rollups``, rollups) older than ``days`` days, in batches; return how many."""
+        cutoff = now_ms() - int(days * DAY_MS)
         with self._lock:
             ids = [row[0] for row in self._conn.execute("SELECT id FROM stations")]
-        total = sum(self._delete_batches("station_id = ? AND ts < ?", (sid, cutoff)) for sid in ids)
+        if rollups:
+            total = sum(self._delete_batches("rollups", "station_id = ? AND start + span <= ?", (sid, cutoff))
+                        for sid in ids)
+        else:  # field by field: each batch is one stretch of the key
+            total = sum(self._delete_batches("samples", "station_id = ? AND field = ? AND ts < ?", (sid, f, cutoff))
+                        for sid in ids for f in range(1, 9))
         with self._lock, contextlib.suppress(sqlite3.OperationalError):
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return total
@@ -840,7 +1040,8 @@ class Snapshot:
 
     Made once per request by Store.snapshot(). Its constructor first lets the store's
     in-memory views catch up with changes another process made, so no read can see a
-    view older than the database.
+    view older than the database. Values come back in their quantity's unit (see Field)
+    except where a method says "as posted".
     """
 
     def __init__(self, store, conn):
@@ -850,17 +1051,24 @@ class Snapshot:
                             "ORDER BY role IS NULL, role DESC, name, mac").fetchall()
         #: Stations as dicts (id, mac, name, role): outdoor, indoor, then the rest by name.
         self.stations = [dict(zip(("id", "mac", "name", "role"), row)) for row in rows]
+        self._fields = {(sid, n): Field(n, name, unit)
+                        for sid, n, name, unit in conn.execute("SELECT station_id, field, name, unit FROM fields")}
 
     def station(self, station_id):
         """The station with this id (a ThingSpeak channel id), or None."""
         return next((s for s in self.stations if s["id"] == station_id), None)
 
+    def field(self, station_id, number):
+        """What a station's field holds: a Field."""
+        return self._fields.get((station_id, number)) or Field(number)
+
     def latest(self, station, since_ms=None):
         """Fill ``station`` with its latest value per field, min/max since ``since_ms``, interval.
 
-        Kept in memory and updated by every write, so a page with many stations costs
-        dictionary look-ups, not eight queries a station; read from the database on
-        first use and again whenever another process changed it.
+        Each field: value, min, max (converted), ts, posted (the value as posted), field (a
+        Field) and implausible. Kept in memory and updated by every write, so a page with many
+        stations costs dictionary look-ups, not eight queries a station; read from the database
+        on first use and again whenever another process changed it.
         """
         store, conn = self._store, self._conn
         with store._lock:
@@ -871,18 +1079,21 @@ class Snapshot:
                 if generation == store._generation:
                     store._latest[station["id"]] = entry  # nothing was written meanwhile
         fields = {}
-        for field, (value, ts) in sorted(entry["fields"].items()):
+        for number, (value, ts) in sorted(entry["fields"].items()):
             low = high = None
             if since_ms is not None:
-                span = entry["ranges"].get((field, since_ms))
+                span = entry["ranges"].get((number, since_ms))
                 if span is None:
                     span = conn.execute("SELECT min(value), max(value) FROM readings WHERE station_id = ? "
-                                        "AND field = ? AND ts >= ?", (station["id"], field, since_ms)).fetchone()
+                                        "AND field = ? AND ts >= ?", (station["id"], number, since_ms)).fetchone()
                     with store._lock:
                         if generation == store._generation:
-                            entry["ranges"][(field, since_ms)] = list(span)
+                            entry["ranges"][(number, since_ms)] = list(span)
                 low, high = span
-            fields[field] = {"value": value, "ts": ts, "min": low, "max": high}
+            field = self.field(station["id"], number)
+            fields[number] = {"value": field.convert(value), "ts": ts, "min": field.convert(low),
+                              "max": field.convert(high), "posted": value, "field": field,
+                              "implausible": not field.plausible(field.convert(value))}
         station["fields"] = fields
         station["last_seen"] = max((f["ts"] for f in fields.values()), default=None)
         recent = list(entry["recent"])
@@ -891,7 +1102,7 @@ class Snapshot:
         return station
 
     def _load_latest(self, station_id):
-        """A station's latest values from the database: eight index seeks, cheap at any table size."""
+        """A station's latest values from the database: eight key seeks, cheap at any table size."""
         fields = {}
         for field in range(1, 9):
             row = self._conn.execute("SELECT value, ts FROM readings WHERE station_id = ? AND field = ? "
@@ -906,65 +1117,75 @@ class Snapshot:
         return {"fields": fields, "recent": recent, "ranges": {}}
 
     def series(self, station_id, field, since_ms, bucket_ms, now):
-        """Average of a field per time bucket since ``since_ms``: [(bucket start ms, value)].
+        """A field per time bucket since ``since_ms``: [(bucket start ms, min, mean, max, count)].
 
-        Buckets that ended over a minute ago cannot change (the server stamps readings
-        on arrival), so they are kept in memory until another process changes the
-        database (a prune, a forget); only the newest buckets are read again.
+        Buckets of an hour or more come from the rollups (a year is 365 rows, and pruning the
+        readings does not empty it). Shorter ones from the readings: buckets that ended over a
+        minute ago cannot change (the server stamps readings on arrival), so they are kept in
+        memory until another process changes the database (a prune, a forget); only the newest
+        buckets are read again.
         """
-        cache = self._store._series_cache
         first = since_ms // bucket_ms * bucket_ms
-        key = (station_id, field, bucket_ms)
-        done, until = cache.get(key, ({}, first))
-        fresh = self._conn.execute(
-            "SELECT (ts / ?) * ?, avg(value) FROM readings WHERE station_id = ? AND field = ? AND ts >= ? "
-            "GROUP BY ts / ? ORDER BY 1", (bucket_ms, bucket_ms, station_id, field, max(first, until), bucket_ms)
-        ).fetchall()
-        complete = (now - 60_000) // bucket_ms * bucket_ms
-        done = {b: v for b, v in done.items() if b >= first}
-        done.update((b, v) for b, v in fresh if b + bucket_ms <= complete)
-        cache[key] = (done, max(until, complete))
-        return sorted(done.items()) + [(b, v) for b, v in fresh if b + bucket_ms > complete]
+        if bucket_ms >= HOUR_MS:
+            span = DAY_MS if bucket_ms % DAY_MS == 0 else HOUR_MS
+            rows = self._conn.execute(
+                "SELECT start / ?1 * ?1, min(low), sum(total) / sum(count), max(high), sum(count) FROM rollups "
+                "WHERE station_id = ?2 AND field = ?3 AND span = ?4 AND start >= ?5 GROUP BY start / ?1 ORDER BY 1",
+                (bucket_ms, station_id, field, span, first)).fetchall()
+        else:
+            cache = self._store._series_cache
+            key = (station_id, field, bucket_ms)
+            done, until = cache.get(key, ({}, first))
+            fresh = self._conn.execute(
+                "SELECT ts / ?1 * ?1, min(value), avg(value), max(value), count(*) FROM readings "
+                "WHERE station_id = ?2 AND field = ?3 AND ts >= ?4 GROUP BY ts / ?1 ORDER BY 1",
+                (bucket_ms, station_id, field, max(first, until))).fetchall()
+            complete = (now - 60_000) // bucket_ms * bucket_ms
+            done = {row[0]: row for row in done.values() if row[0] >= first}
+            done.update((row[0], row) for row in fresh if row[0] + bucket_ms <= complete)
+            cache[key] = (done, max(until, complete))
+            rows = sorted(done.values()) + [row for row in fresh if row[0] + bucket_ms > complete]
+        f = self.field(station_id, field)
+        return [(start, f.convert(low), f.convert(mean), f.convert(high), count)
+                for start, low, mean, high, count in rows]
 
     def values(self, station_id, field, since_ms, limit):
-        """The last ``limit`` values of a field since ``since_ms``, oldest first: [(ms, value)]."""
+        """The last ``limit`` plausible values of a field since ``since_ms``, oldest first: [(ms, value)]."""
+        f = self.field(station_id, field)
         rows = self._conn.execute(
             "SELECT ts, value FROM readings WHERE station_id = ? AND field = ? AND ts >= ? "
             "ORDER BY ts DESC LIMIT ?", (station_id, field, since_ms, limit)).fetchall()
-        return rows[::-1]
+        return [(ts, f.convert(v)) for ts, v in reversed(rows) if f.plausible(f.convert(v))]
 
     def readings(self, station_ids, field, since_ms, until_ms, limit):
-        """Readings in a time range, oldest first: [(ts, mac, name, field, value)]."""
-        marks = ",".join("?" * len(station_ids))
-        sql = ("SELECT r.ts, s.mac, s.name, r.field, r.value FROM readings r JOIN stations s ON s.id = r.station_id "
-               "WHERE r.station_id IN (%s) AND r.ts >= ? AND r.ts < ?" % marks)
-        params = list(station_ids) + [since_ms, until_ms]
-        if field:
-            sql += " AND r.field = ?"
-            params.append(field)
-        sql += " ORDER BY r.ts, r.id LIMIT ?"
-        return self._conn.execute(sql, params + [limit]).fetchall()
+        """Readings in a time range, oldest first, as posted: [(ts, mac, name, field, value, unit)]."""
+        runs = []  # one run a station and field, each in time order: merged, not sorted
+        for order, station_id in enumerate(station_ids):
+            for number in [field] if field else range(1, 9):
+                runs.append(self._conn.execute(
+                    "SELECT ts, ?, ?, value FROM readings WHERE station_id = ? AND field = ? AND ts >= ? AND ts < ? "
+                    "ORDER BY ts LIMIT ?", (order, number, station_id, number, since_ms, until_ms, limit)))
+        names = {s["id"]: (s["mac"], s["name"]) for s in self.stations}
+        return [(ts,) + names[station_ids[order]] + (number, value, self.field(station_ids[order], number).unit)
+                for ts, order, number, value in itertools.islice(heapq.merge(*runs), limit)]
 
     def entries(self, station_id, field, since_ms, until_ms, limit):
-        """A channel's newest ThingSpeak entries in a range, oldest first: [(entry id, ms, {field: value})]."""
-        sql = ("SELECT coalesce(entry, id), ts, field, value FROM readings WHERE station_id = ? AND ts >= ? "
-               "AND ts < ?%s ORDER BY ts DESC, id DESC LIMIT ?" % (" AND field = ?" if field else ""))
-        args = [station_id, since_ms, until_ms] + ([field] if field else []) + [limit * 8]
-        entries = collections.OrderedDict()
-        for entry, ts, f, value in self._conn.execute(sql, args):
-            if entry not in entries:
-                if len(entries) == limit:
-                    break
-                entries[entry] = (ts, {})
-            entries[entry][1][f] = value
-        return [(entry, ts, values) for entry, (ts, values) in reversed(entries.items())]
+        """A channel's newest ThingSpeak entries in a range, oldest first, as posted: [(entry id, ms, {field: value})]."""
+        entries = collections.defaultdict(dict)  # an entry is known by its time: ms -> {field: value}
+        for number in [field] if field else range(1, 9):
+            for ts, value in self._conn.execute(
+                    "SELECT ts, value FROM readings WHERE station_id = ? AND field = ? AND ts >= ? AND ts < ? "
+                    "ORDER BY ts DESC LIMIT ?", (station_id, number, since_ms, until_ms, limit)):
+                entries[ts][number] = value
+        times = sorted(entries)[max(0, len(entries) - limit):]
+        return [(ts, ts, entries[ts]) for ts in times]
 
     def channel_facts(self, station_id):
         """(last entry id, created at ms) of a station's ThingSpeak channel."""
-        last = self._conn.execute("SELECT max(coalesce(entry, id)) FROM readings WHERE station_id = ?",
-                                  (station_id,)).fetchone()[0]
+        last = max((self._conn.execute("SELECT max(ts) FROM samples WHERE station_id = ? AND field = ?",
+                                       (station_id, number)).fetchone()[0] or 0 for number in range(1, 9)))
         created = self._conn.execute("SELECT created_at FROM stations WHERE id = ?", (station_id,)).fetchone()[0]
-        return last, created
+        return last or None, created
 
 
 ###############################################################################
@@ -1026,16 +1247,21 @@ class View:
         return abs(celsius_difference) * (9 / 5 if self.unit == "F" else 1)
 
     def show(self, field, value):
-        """A stored value as text in the page's unit."""
-        if field == 1:
+        """A value in its field's base unit (°C for a temperature) as text in the page's unit; field: a number or a Field."""
+        unit = (field if isinstance(field, Field) else Field(field)).base_unit
+        if unit == "°C":
             return "%.1f\u00a0°%s" % (self.temperature(value), self.unit)
-        unit = FIELDS.get(field, ("", ""))[1]
         text = ("%.1f" % value) if abs(value) < 10_000 else ("%.0f" % value)
         return text + ("\u00a0" + unit if unit else "")
 
     def local(self, ms):
         stamp = datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc)
         return stamp.astimezone(self.tz) if self.tz else stamp.astimezone()
+
+    def midnight(self, date):
+        """Epoch ms of the local midnight that starts ``date``."""
+        stamp = datetime.datetime.combine(date, datetime.time())
+        return int((stamp.replace(tzinfo=self.tz) if self.tz else stamp.astimezone()).timestamp() * 1000)
 
     def day_start(self, ms):
         """Local midnight of the day ``ms`` falls on, in epoch ms."""
@@ -1080,7 +1306,8 @@ def humid_air(celsius, rh):
 def station_air(station):
     """A station's dew point and absolute humidity from its latest temperature and humidity (taken within 3 minutes)."""
     fields = station["fields"]
-    if 1 not in fields or 3 not in fields or abs(fields[1]["ts"] - fields[3]["ts"]) > OFFLINE_MIN_MS:
+    if (1 not in fields or 3 not in fields or abs(fields[1]["ts"] - fields[3]["ts"]) > OFFLINE_MIN_MS
+            or fields[1].get("implausible") or fields[3].get("implausible")):
         return None
     return humid_air(fields[1]["value"], fields[3]["value"])
 
@@ -1271,6 +1498,9 @@ def advise(indoor, outdoor, series, view, now, memory=None):
         if 1 not in station["fields"]:
             return Advice("unknown", "Can't compare yet: %s station %s has sent no temperature" % (
                 role.lower(), station["name"]), "The advice needs field 1, the temperature in °C.")
+        if station["fields"][1]["implausible"]:
+            return Advice("unknown", "Can't compare: %s station %s sends an implausible temperature" % (
+                role.lower(), station["name"]), "Check the sensor, or tell the server its unit (--field).")
         if is_offline(station, now):
             return Advice("unknown", "Can't compare: %s station %s is offline (last seen %s)" % (
                 role.lower(), station["name"], ago(now - station["last_seen"])),
@@ -1344,6 +1574,14 @@ class Advisor:
 #: The chart: last 24 hours, averaged into 10-minute buckets (at most 145 points a line).
 CHART_MS = 24 * 3_600_000
 CHART_BUCKET_MS = 10 * 60_000
+#: The chart's ranges (?range=): link text, title, span and bucket. A day is drawn from the
+#: readings, longer ranges from the rollups (an hour, 6 hours, a day a point).
+RANGES = {"24h": ("24 h", "Last 24 hours", CHART_MS, CHART_BUCKET_MS),
+          "7d": ("7 d", "Last 7 days", 7 * DAY_MS, HOUR_MS),
+          "30d": ("30 d", "Last 30 days", 30 * DAY_MS, 6 * HOUR_MS),
+          "1y": ("1 y", "Last year", 365 * DAY_MS, DAY_MS)}
+#: Colours of the chart lines of stations without a role, in card order (then again).
+LINE_COLOURS = 8
 #: Station cards on the page at most (the compared ones and the most recently heard).
 MAX_CARDS = 24
 
@@ -1354,55 +1592,91 @@ def _nice_step(span, ticks=4):
     return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
 
 
-def render_chart(lines, view, now):
-    """Inline SVG of temperature lines (label, css class, [(ms, °C)]) over the last 24 h."""
+def _time_ticks(view, start, now, range_name):
+    """Where the time axis is labelled: [(ms, text)]: every 6 hours (midnight by its date) on a
+    day, days on a week, Mondays on a month, the first of each month (January by its year) on a year."""
+    if range_name == "24h":
+        ticks = []
+        tick = (start // 1_800_000 + 1) * 1_800_000  # found on the half hour, so any zone offset works
+        while tick <= now:
+            local = view.local(tick)
+            if local.minute == 0 and local.hour % 6 == 0:
+                ticks.append((tick, local.strftime("%H:%M") if local.hour else "%s %d" % (local.strftime("%a"), local.day)))
+            tick += 1_800_000
+        return ticks
+    first = view.local(start).date()
+    dates = [first + datetime.timedelta(days=i) for i in range(1, (view.local(now).date() - first).days + 1)]
+    if range_name == "7d":
+        return [(view.midnight(d), "%s %d" % (d.strftime("%a"), d.day)) for d in dates]
+    if range_name == "30d":
+        return [(view.midnight(d), "%s %d" % (d.strftime("%b"), d.day)) for d in dates if d.weekday() == 0]
+    return [(view.midnight(d), str(d.year) if d.month == 1 else d.strftime("%b")) for d in dates if d.day == 1]
+
+
+def _runs(data, bucket_ms):
+    """Points split where the line has a gap (over three buckets without a reading): no line across it."""
+    runs = []
+    for point in data:
+        if not runs or point[0] - runs[-1][-1][0] > 3 * bucket_ms:
+            runs.append([])
+        runs[-1].append(point)
+    return runs
+
+
+def render_chart(lines, view, now, range_name="24h", field=None):
+    """Inline SVG of lines (label, css class, [(ms, min, mean, max, count)]) over one of RANGES.
+
+    Values are in ``field``'s base unit (default: a temperature in °C); ranges longer than a
+    day draw each line's min–max band behind it.
+    """
+    title, span, bucket = RANGES[range_name][1:]
+    field = field or Field(1)
+    convert, unit = ((view.temperature, "°" + view.unit) if field.base_unit == "°C" else
+                     ((lambda v: v), field.base_unit))
     width, height, left, right, top, bottom = 360, 210, 38, 8, 22, 26
-    start = now - CHART_MS
-    points = [(ms, view.temperature(c)) for _, _, data in lines for ms, c in data]
+    start = now - span
+    band = span > DAY_MS
+    points = [convert(v) for _, _, data in lines for _, low, mean, high, _ in data
+              for v in ((low, high) if band else (mean,))]
     if not points:
-        return '<p class="muted">No temperatures in the last 24 hours.</p>'
-    low, high = min(v for _, v in points), max(v for _, v in points)
+        return '<p class="muted">No %s in the %s.</p>' % (html.escape(field.name.lower()), title[0].lower() + title[1:])
+    low, high = min(points), max(points)
     step = _nice_step(max(high - low, 1.0))
     low, high = math.floor(low / step) * step, math.ceil(high / step) * step
     if high - low < step:
         high = low + step
 
-    def x(ms):
-        return left + (ms - start) / CHART_MS * (width - left - right)
+    def x(ms):  # a bucket is drawn at its middle, inside the chart
+        return left + (min(max(ms + bucket / 2, start), now) - start) / span * (width - left - right)
 
     def y(v):
-        return top + (high - v) / (high - low) * (height - top - bottom)
+        return top + (high - convert(v)) / (high - low) * (height - top - bottom)
 
-    out = ['<svg class="chart" viewBox="0 0 %d %d" role="img" aria-label="Temperature in °%s, last 24 hours">'
-           % (width, height, view.unit)]
+    out = ['<svg class="chart" viewBox="0 0 %d %d" role="img" aria-label="%s in %s, %s">'
+           % (width, height, html.escape(field.name), html.escape(unit), title.lower())]
     value = low
     while value <= high + step / 2:
+        level = top + (high - value) / (high - low) * (height - top - bottom)
         out.append('<line class="grid" x1="%d" x2="%d" y1="%.1f" y2="%.1f"/>'
                    '<text class="tick" x="%d" y="%.1f" text-anchor="end">%s</text>'
-                   % (left, width - right, y(value), y(value), left - 4, y(value) + 3.5, "%g" % round(value, 2)))
+                   % (left, width - right, level, level, left - 4, level + 3.5, "%g" % round(value, 2)))
         value += step
-    out.append('<text class="tick" x="%d" y="10" text-anchor="end">°%s</text>' % (left - 4, view.unit))
-    # a tick at every local hour divisible by 6, found on the half hour so any zone offset works
-    tick = (start // 1_800_000 + 1) * 1_800_000
-    while tick <= now:
-        local = view.local(tick)
-        if local.minute == 0 and local.hour % 6 == 0:
-            out.append('<line class="grid" x1="%.1f" x2="%.1f" y1="%d" y2="%d"/>'
-                       '<text class="tick" x="%.1f" y="%d" text-anchor="middle">%s</text>'
-                       % (x(tick), x(tick), top, height - bottom, x(tick), height - bottom + 13,
-                          local.strftime("%H:%M")))
-        tick += 1_800_000
+    out.append('<text class="tick" x="%d" y="10" text-anchor="end">%s</text>' % (left - 4, html.escape(unit)))
+    for tick, text in _time_ticks(view, start, now, range_name):
+        at = left + (tick - start) / span * (width - left - right)
+        out.append('<line class="grid" x1="%.1f" x2="%.1f" y1="%d" y2="%d"/>'
+                   '<text class="tick" x="%.1f" y="%d" text-anchor="middle">%s</text>'
+                   % (at, at, top, height - bottom, at, height - bottom + 13, text))
     zone = view.local(now).tzname() or ""
     out.append('<text class="tick" x="%d" y="%d" text-anchor="end">time (%s)</text>'
                % (width - right, height - 2, html.escape(zone)))
     for _, css, data in lines:
-        run = []
-        for i, (ms, c) in enumerate(data):
-            if run and ms - data[i - 1][0] > 3 * CHART_BUCKET_MS:  # a gap: do not draw across it
-                out.append(_polyline(run, css))
-                run = []
-            run.append("%.1f,%.1f" % (x(ms + CHART_BUCKET_MS / 2), y(view.temperature(c))))
-        out.append(_polyline(run, css))
+        for run in _runs(data, bucket):
+            if band:
+                edge = ["%.1f,%.1f" % (x(p[0]), y(p[3])) for p in run] + \
+                       ["%.1f,%.1f" % (x(p[0]), y(p[1])) for p in reversed(run)]
+                out.append('<polygon class="band %s" points="%s"/>' % (css, " ".join(edge)))
+            out.append(_polyline(["%.1f,%.1f" % (x(p[0]), y(p[2])) for p in run], css))
     out.append("</svg>")
     return "".join(out)
 
@@ -1440,10 +1714,14 @@ dt{color:var(--muted);font-size:.9rem}dd{margin:0}
 .panel{margin-top:16px}.panel h2{margin:0 0 8px;font-size:1rem}
 .chart{width:100%;max-width:720px;height:auto;display:block;margin:0 auto}
 .grid{stroke:var(--line);stroke-width:1}.tick{fill:var(--muted);font-size:10px}
-.line{fill:none;stroke-width:2.2;stroke-linejoin:round}.line.outdoor{stroke:var(--out)}.line.indoor{stroke:var(--in)}
-circle.line.outdoor{fill:var(--out)}circle.line.indoor{fill:var(--in)}
-.line.other0{stroke:#8e44ad}.line.other1{stroke:#16a085}.line.other2{stroke:#7f8c8d}
-.legend{font-size:.85rem;color:var(--muted)}.legend b{font-weight:600}.k-outdoor{color:var(--out)}.k-indoor{color:var(--in)}
+.outdoor{--c:var(--out)}.indoor{--c:var(--in)}.c0{--c:#8e44ad}.c1{--c:#16a085}.c2{--c:#c2185b}.c3{--c:#7cb342}
+.c4{--c:#8d6e63}.c5{--c:#0097a7}.c6{--c:#e0a800}.c7{--c:#5c6bc0}
+.line{fill:none;stroke:var(--c);stroke-width:2.2;stroke-linejoin:round}circle.line{fill:var(--c)}
+.band{fill:var(--c);stroke:none;opacity:.18}
+.legend{font-size:.85rem;color:var(--muted)}.legend b{font-weight:600;color:var(--c)}
+.ranges{display:flex;gap:6px;margin:16px 0 0}.ranges a{padding:4px 12px;border:1px solid var(--line);border-radius:999px;
+color:var(--fg);text-decoration:none;background:var(--card)}.ranges a[aria-current]{background:var(--fg);color:var(--bg)}
+.card h2 a{color:inherit;text-decoration:none}.back{margin:0 0 12px}.implausible{display:block;font-size:.8rem}
 code{font-size:.85rem}.url{overflow-wrap:anywhere}.word{white-space:nowrap}
 footer{color:var(--muted);font-size:.8rem;margin-top:16px;text-align:center}
 """
@@ -1483,17 +1761,22 @@ $main
 """)
 
 
-def _gather(store, view, now, advisor):
-    """What the page shows, read in one snapshot: (stations, by role, chart lines, advice)."""
+def _gather(store, view, now, advisor, range_name="24h"):
+    """What the page shows, read in one snapshot: (stations, by role, chart lines, advice).
+
+    Values are in °C (a station posting °F is converted), each flagged when implausible;
+    the chart has a line for every station that sends a temperature, in card order.
+    """
+    span, bucket = RANGES[range_name][2:]
     with store.snapshot() as snap:
         stations = [snap.latest(s, view.day_start(now)) for s in snap.stations]
         by_role = {s["role"]: s for s in stations if s["role"]}
-        charted = [s for s in stations if s["role"]] or stations[:3]
-        lines, others = [], 0
-        for s in charted:
-            css = s["role"] or "other%d" % others
-            others += not s["role"]
-            lines.append((s, css, snap.series(s["id"], 1, now - CHART_MS, CHART_BUCKET_MS, now)))
+        lines = []
+        for s in stations[:MAX_CARDS]:
+            number = next((n for n, f in sorted(s["fields"].items()) if f["field"].base_unit == "°C"), None)
+            if number is not None:
+                css = s["role"] or "c%d" % (sum(not line[0]["role"] for line in lines) % LINE_COLOURS)
+                lines.append((s, css, snap.series(s["id"], number, now - span, bucket, now)))
         advice = advisor.evaluate(snap, by_role, now)
     return stations, by_role, lines, advice
 
@@ -1545,24 +1828,27 @@ def _card(s, view, now):
     else:
         seen = '<p class="seen">%s</p>' % ago(now - s["last_seen"])
     rows, air = [], station_air(s)
-    for field, f in sorted(s["fields"].items()):
-        label = FIELDS.get(field, ("Field %d" % field,))[0]
-        span = ""
+    for number, f in sorted(s["fields"].items()):
+        field, span = f["field"], ""
         if f["min"] is not None:
             span = '<span class="range">today %s – %s</span>' % (view.show(field, f["min"]), view.show(field, f["max"]))
-        if field == 3 and air:
+        if number == 3 and air:
             span += ('<span class="range">dew point <b data-field="dew">%s</b></span>'
                      '<span class="range">water %.1f\u00a0g/m³ of air</span>' % (view.show(1, air[0]), air[1]))
+        if f["implausible"]:  # stored, but no real air is like this: a wrong unit or a broken sensor
+            span += ('<span class="badge implausible">Implausible for a %s: check the sensor, or its unit '
+                     '(now %s; see --field)</span>' % (esc(field.name.lower()), esc(field.unit)))
         rows.append('<dt>%s</dt><dd><span class="value" data-field="%d">%s</span>%s</dd>'
-                    % (label, field, view.show(field, f["value"]), span))
+                    % (esc(field.name), number, view.show(field, f["value"]), span))
     mac = '<p class="mac">%s</p>' % esc(s["mac"]) if s["name"] != s["mac"] else ""
-    return ('<section class="card%s" data-mac="%s"><h2>%s%s</h2>%s%s<dl>%s</dl></section>'
-            % (" offline" if offline else "", esc(s["mac"]), esc(s["name"]), role, mac, seen, "".join(rows)))
+    return ('<section class="card%s" data-mac="%s"><h2><a href="/station/%s">%s</a>%s</h2>%s%s<dl>%s</dl></section>'
+            % (" offline" if offline else "", esc(s["mac"]), esc(s["mac"]), esc(s["name"]), role, mac, seen,
+               "".join(rows)))
 
 
 def _cards(stations, view, now):
-    """The compared stations first, then the most recently heard; a long tail is left to /api/latest."""
-    shown = sorted(stations, key=lambda s: (s["role"] is None, s["role"] != "outdoor", -(s["last_seen"] or 0)))
+    """The compared stations first, then the others by name (Snapshot's order); a long tail is left to /api/latest."""
+    shown = stations
     parts = ['<div class="cards">'] + [_card(s, view, now) for s in shown[:MAX_CARDS]] + ["</div>"]
     if len(shown) > MAX_CARDS:
         parts.append('<p class="muted">… and %d more stations: <a href="/api/latest">/api/latest</a> lists them all.</p>'
@@ -1570,36 +1856,67 @@ def _cards(stations, view, now):
     return parts
 
 
-def _chart_panel(lines, view, now):
-    """The 24-hour chart with a legend naming each line."""
-    legend = " · ".join('<b class="k-%s">━</b> %s' % (css, html.escape(s["name"])) for s, css, _ in lines)
-    return ('<section class="panel"><h2>Last 24 hours</h2>%s<p class="legend">%s</p></section>'
-            % (render_chart([(s["name"], css, data) for s, css, data in lines], view, now), legend))
+def _range_links(path, range_name):
+    """The range switch: plain links, so it works without JavaScript."""
+    return '<nav class="ranges">%s</nav>' % "".join(
+        '<a href="%s?range=%s"%s>%s</a>' % (path, name, ' aria-current="page"' if name == range_name else "", text)
+        for name, (text, _, _, _) in RANGES.items())
 
 
-def render_page(store, view, now, base_url, api_key, refresh, advisor, fragment=False):
-    """The page at /: headline, a card per station, the 24-hour chart. Returns (html, nonce).
+def _chart_panel(lines, view, now, range_name="24h", field=None, heading=None):
+    """A chart with a legend naming each line in its colour."""
+    legend = " · ".join('<b class="%s">━</b> %s' % (css, html.escape(s["name"])) for s, css, _ in lines)
+    return ('<section class="panel"><h2>%s</h2>%s<p class="legend">%s</p></section>'
+            % (html.escape(heading or RANGES[range_name][1]),
+               render_chart([(s["name"], css, data) for s, css, data in lines], view, now, range_name, field), legend))
 
-    With ``fragment``, only the title and <main>, which the open page swaps in.
-    """
-    stations, by_role, lines, advice = _gather(store, view, now, advisor)
-    if any(s["fields"] for s in stations):
-        parts = [_headline(advice, view)]
-    else:
-        parts = [_empty_state(base_url, api_key)]
-    parts += _cards(stations, view, now)
-    if stations:
-        parts.append(_chart_panel(lines, view, now))
-    outdoor = by_role.get("outdoor")
-    title = "iotserver"
-    if outdoor and 1 in outdoor["fields"] and not is_offline(outdoor, now):
-        title = "%s outside · iotserver" % view.show(1, outdoor["fields"][1]["value"])
+
+def _document(title, parts, view, now, refresh, fragment):
+    """A whole page around ``parts`` (or, with ``fragment``, the title and <main> the open page swaps in): (html, nonce)."""
     body = _MAIN.substitute(main="\n".join(parts), refresh=refresh, updated=view.local(now).strftime("%H:%M:%S"))
     nonce = secrets.token_urlsafe(16)
     if fragment:
         return ("<title>%s</title>\n%s" % (html.escape(title), body)).encode("utf-8"), nonce
     page = _PAGE.substitute(title=html.escape(title), nonce=nonce, refresh=refresh, css=_CSS, main=body, script=_SCRIPT)
     return page.encode("utf-8"), nonce
+
+
+def render_page(store, view, now, base_url, api_key, refresh, advisor, fragment=False, range_name="24h"):
+    """The page at /: headline, a card per station, the chart over ``range_name``. Returns (html, nonce).
+
+    With ``fragment``, only the title and <main>, which the open page swaps in.
+    """
+    stations, by_role, lines, advice = _gather(store, view, now, advisor, range_name)
+    if any(s["fields"] for s in stations):
+        parts = [_headline(advice, view)]
+    else:
+        parts = [_empty_state(base_url, api_key)]
+    parts += _cards(stations, view, now)
+    if stations:
+        parts += [_range_links("/", range_name), _chart_panel(lines, view, now, range_name)]
+    outdoor = by_role.get("outdoor")
+    title = "iotserver"
+    if outdoor and 1 in outdoor["fields"] and not is_offline(outdoor, now) and not outdoor["fields"][1]["implausible"]:
+        title = "%s outside · iotserver" % view.show(1, outdoor["fields"][1]["value"])
+    return _document(title, parts, view, now, refresh, fragment)
+
+
+def render_station(store, view, now, mac, refresh, fragment=False, range_name="24h"):
+    """The page of one station (/station/MAC): its card and a chart of each of its fields. Returns (html, nonce)."""
+    span, bucket = RANGES[range_name][2:]
+    with store.snapshot() as snap:
+        station = next((s for s in snap.stations if s["mac"] == mac), None)
+        if station is None:
+            raise HTTPError(HTTPStatus.NOT_FOUND, "no station with mac %s" % mac)
+        snap.latest(station, view.day_start(now))
+        charts = [(f["field"], snap.series(station["id"], n, now - span, bucket, now))
+                  for n, f in sorted(station["fields"].items())]
+    parts = ['<p class="back"><a href="/">← All stations</a></p>', _card(station, view, now),
+             _range_links("/station/" + mac, range_name)]
+    parts += [_chart_panel([(station, "c%d" % (i % LINE_COLOURS), data)], view, now, range_name, field,
+                           "%s, %s" % (field.name, RANGES[range_name][1][0].lower() + RANGES[range_name][1][1:]))
+              for i, (field, data) in enumerate(charts)]
+    return _document("%s · iotserver" % station["name"], parts, view, now, refresh, fragment)
 
 
 ###############################################################################
@@ -1686,8 +2003,9 @@ def render_latest(store, now):
         "mac": s["mac"], "name": s["name"], "role": s["role"],
         "last_seen": iso_ms(s["last_seen"]) if s["last_seen"] else None,
         "online": not is_offline(s, now),
-        "fields": {str(n): {"value": f["value"], "time": iso_ms(f["ts"]), "name": FIELDS.get(n, ("field%d" % n,))[0].lower(),
-                            "unit": FIELDS.get(n, ("", ""))[1]} for n, f in sorted(s["fields"].items())},
+        "fields": {str(n): {"value": f["posted"], "time": iso_ms(f["ts"]), "name": f["field"].key,
+                            "unit": f["field"].unit, "implausible": f["implausible"]}
+                   for n, f in sorted(s["fields"].items())},
     } for s in stations]
     # the same stations keyed by role and by name, each latest value under its field's name,
     # so one short path reaches a value (Home Assistant: value_json.by_role.outdoor.temperature)
@@ -1714,9 +2032,8 @@ def render_advice(advisor, store, now):
         "comfort": list(view.comfort), "dead_band": view.dead_band_c, "max_dew_point": view.max_dew_point}, **used))
 
 
-def parse_readings_query(query, now):
-    """The parameters of /api/readings: mac, field, since, until, limit, format."""
-    allowed = ("mac", "field", "since", "until", "limit", "format", "key")
+def _api_params(query, allowed):
+    """A read API's query string as {name: value}: each of ``allowed`` (the last being "key") once at most."""
     try:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=len(allowed) + 1,
                                        errors="strict")
@@ -1729,7 +2046,11 @@ def parse_readings_query(query, now):
         if name in params:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "%s is given twice" % name)
         params[name] = value
-    out = {"mac": None, "field": None, "format": params.get("format", "json")}
+    return params
+
+
+def _api_station(params, out):
+    """Check the mac and field parameters into ``out``."""
     if "mac" in params:
         try:
             out["mac"] = parse_mac(params["mac"])
@@ -1739,6 +2060,13 @@ def parse_readings_query(query, now):
         if not _FIELD_RE.fullmatch(params["field"]):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "field must be a whole number from 1 to 8")
         out["field"] = int(params["field"])
+    return out
+
+
+def parse_readings_query(query, now):
+    """The parameters of /api/readings: mac, field, since, until, limit, format."""
+    params = _api_params(query, ("mac", "field", "since", "until", "limit", "format", "key"))
+    out = _api_station(params, {"mac": None, "field": None, "format": params.get("format", "json")})
     out["until"] = parse_time("until", params["until"]) if "until" in params else now + 1
     out["since"] = parse_time("since", params["since"]) if "since" in params else out["until"] - CHART_MS
     if out["since"] >= out["until"]:
@@ -1767,12 +2095,40 @@ def render_readings(store, query):
     if query["format"] == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\r\n")
-        writer.writerow(("time", "mac", "name", "field", "value"))
-        for ts, mac, name, field, value in rows:
-            writer.writerow((iso_ms(ts), mac, _csv_cell(name), field, repr(value)))
+        writer.writerow(("time", "mac", "name", "field", "value", "unit"))
+        for ts, mac, name, field, value, unit in rows:
+            writer.writerow((iso_ms(ts), mac, _csv_cell(name), field, repr(value), _csv_cell(unit)))
         return buffer.getvalue().encode("utf-8"), "text/csv; charset=utf-8"
-    return _json([{"time": iso_ms(ts), "mac": mac, "name": name, "field": field, "value": value}
-                  for ts, mac, name, field, value in rows]), "application/json"
+    return _json([{"time": iso_ms(ts), "mac": mac, "name": name, "field": field, "value": value, "unit": unit}
+                  for ts, mac, name, field, value, unit in rows]), "application/json"
+
+
+def parse_series_query(query):
+    """The parameters of /api/series: mac (needed), field (1), range (24h)."""
+    params = _api_params(query, ("mac", "field", "range", "key"))
+    if "mac" not in params:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "mac is missing: the station's MAC, e.g. mac=6c:ef:7a:3b:9d:e8")
+    out = _api_station(params, {"field": 1, "range": params.get("range", "24h")})
+    if out["range"] not in RANGES:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "range must be %s" % ", ".join(RANGES))
+    return out
+
+
+def render_series(store, view, query, now):
+    """/api/series: what a chart draws, per bucket min, mean, max and count, in the chart's unit."""
+    span, bucket = RANGES[query["range"]][2:]
+    with store.snapshot() as snap:
+        station = next((s for s in snap.stations if s["mac"] == query["mac"]), None)
+        if station is None:
+            raise HTTPError(HTTPStatus.NOT_FOUND, "no station with mac %s" % query["mac"])
+        field = snap.field(station["id"], query["field"])
+        points = snap.series(station["id"], query["field"], now - span, bucket, now)
+    convert, unit = ((view.temperature, "°" + view.unit) if field.base_unit == "°C" else
+                     ((lambda v: v), field.base_unit))
+    return _json({"mac": station["mac"], "station": station["name"], "field": query["field"], "name": field.name,
+                  "unit": unit, "range": query["range"], "bucket_seconds": bucket // 1000,
+                  "points": [{"time": iso_ms(start), "min": convert(low), "mean": convert(mean), "max": convert(high),
+                              "count": count} for start, low, mean, high, count in points]})
 
 
 ###############################################################################
@@ -1808,13 +2164,12 @@ def render_metrics(server, now):
     for s in stations:
         who = (("station", s["name"]), ("mac", s["mac"]))
         for n, f in sorted(s["fields"].items()):
-            quantity, unit = FIELDS.get(n, ("field%d" % n, ""))
-            values.append((who + (("field", n), ("quantity", quantity.lower()), ("unit", unit)), f["value"]))
+            values.append((who + (("field", n), ("quantity", f["field"].key), ("unit", f["field"].unit)), f["posted"]))
         if s["last_seen"] is not None:
             ages.append((who, (now - s["last_seen"]) / 1000))
         online.append((who, int(not is_offline(s, now))))
     families = [
-        ("station_value", "gauge", "Latest value of a station's field as sent (temperature in °C).", values),
+        ("station_value", "gauge", "Latest value of a station's field as sent, in the unit its label names.", values),
         ("station_last_seen_age_seconds", "gauge", "Seconds since the station's latest reading.", ages),
         ("station_online", "gauge", "1 while the station posts as usual, 0 once it missed a few posts.", online),
         ("stations", "gauge", "Stations registered.", [((), len(stations))]),
@@ -1851,10 +2206,19 @@ MAX_BULK_BODY = 128 * 1024
 _TS_FIELD_RE = re.compile(r"field([1-8])", re.ASCII)
 #: Members of a bulk entry that ThingSpeak stores and iotserver accepts and ignores.
 _BULK_IGNORED = ("status", "latitude", "longitude", "elevation")
+#: A read's aggregations, the first one given being used (as ThingSpeak does), and their periods
+#: in minutes; "daily" is a calendar day in the request's time zone.
+TS_AGGREGATIONS = ("timescale", "sum", "average", "median")
+TS_PERIODS = ("10", "15", "20", "30", "60", "240", "720", "1440", "daily")
 
 
-def _ts_value(value):
-    """A stored value as ThingSpeak writes it: text, without a needless '.0'."""
+def _ts_value(value, digits=None):
+    """A value as ThingSpeak writes it: a stored one without a needless '.0', a computed one (text) as
+    computed; with ``digits`` (?round=), rounded to that many decimal places."""
+    if digits is not None:
+        return "%.*f" % (digits, float(value))
+    if isinstance(value, str):
+        return value
     if value.is_integer() and abs(value) < 1e15:
         return str(int(value))
     return repr(value)
@@ -2022,6 +2386,8 @@ def _ts_entries(snap, station_id, field, params, zone, now):
     if results and (not re.fullmatch(r"[0-9]{1,6}", results, re.ASCII) or int(results) > TS_MAX_RESULTS):
         raise HTTPError(HTTPStatus.BAD_REQUEST, "results must be a whole number from 0 to %d" % TS_MAX_RESULTS)
     limit = int(results) if results else TS_RESULTS
+    if not results and any(params.get(name) for name in ("days", "minutes", "start", "end")):
+        limit = TS_MAX_RESULTS  # as ThingSpeak: a time range without results means all of it, up to 8,000
     since, until = 0, now + 1
     for name, unit in (("days", 86_400_000), ("minutes", 60_000)):
         if params.get(name):
@@ -2039,6 +2405,56 @@ def _ts_entries(snap, station_id, field, params, zone, now):
     return snap.entries(station_id, field, since, until, limit)
 
 
+def _ts_aggregate(entries, params, zone):
+    """Entries grouped by period as ?timescale= (the first entry of each period), sum, average or median
+    ask, each at its period's start; ThingSpeak's ``results`` limits the entries read, not the periods."""
+    how = next((name for name in TS_AGGREGATIONS if params.get(name)), None)
+    if how is None:
+        return entries
+    period = params[how]
+    if period not in TS_PERIODS:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "%s must be %s (minutes) or daily" % (how, ", ".join(TS_PERIODS[:-1])))
+    periods = collections.OrderedDict()  # period start ms -> [(entry id, {field: value})]
+    for entry, ms, values in entries:
+        if period == "daily":
+            day = datetime.datetime.fromtimestamp(ms / 1000, zone or datetime.timezone.utc)
+            start = int(day.replace(hour=0, minute=0, second=0, microsecond=0).timestamp() * 1000)
+        else:
+            start = ms // (int(period) * 60_000) * (int(period) * 60_000)
+        periods.setdefault(start, []).append((entry, values))
+    out = []
+    for start, members in periods.items():
+        if how == "timescale":
+            out.append((members[0][0], start, members[0][1]))
+            continue
+        fields = collections.defaultdict(list)
+        for _, values in members:
+            for field, value in values.items():
+                fields[field].append(value)
+        out.append((None, start, {f: repr(_ts_combine(how, sorted(vs))) for f, vs in fields.items()}))
+    return out
+
+
+def _ts_combine(how, values):
+    """The sum, average or median of a field's sorted values in one period."""
+    if how == "sum":
+        return math.fsum(values)
+    if how == "average":
+        return math.fsum(values) / len(values)
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def _ts_round(params):
+    """?round=N: the decimal places values are written with, or None."""
+    digits = params.get("round")
+    if not digits:
+        return None
+    if not re.fullmatch(r"[0-9]{1,2}", digits, re.ASCII) or int(digits) > 15:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "round must be a whole number of decimal places from 0 to 15")
+    return int(digits)
+
+
 def _ts_channel(snap, station, zone):
     """The 'channel' object of a ThingSpeak feed."""
     snap.latest(station)
@@ -2046,7 +2462,7 @@ def _ts_channel(snap, station, zone):
     channel = {"id": station["id"], "name": station["name"],
                "description": "iotserver station %s" % station["mac"], "latitude": "0.0", "longitude": "0.0"}
     for n in sorted(station["fields"]):
-        channel["field%d" % n] = FIELDS.get(n, ("Field %d" % n,))[0]
+        channel["field%d" % n] = station["fields"][n]["field"].name
     channel.update(created_at=_ts_time(created, zone),
                    updated_at=_ts_time(station["last_seen"] or created, zone), last_entry_id=last)
     return channel
@@ -2055,7 +2471,7 @@ def _ts_channel(snap, station, zone):
 def render_ts_read(store, channel_id, what, field, fmt, params):
     """Answer /channels/ID/...: feeds, a field's feed, last entries, last data age."""
     now = now_ms()
-    zone = _ts_zone(params)
+    zone, digits = _ts_zone(params), _ts_round(params)
     with store.snapshot() as snap:
         station = snap.station(channel_id)
         if station is None:
@@ -2065,12 +2481,14 @@ def render_ts_read(store, channel_id, what, field, fmt, params):
         last = what in ("last", "age")
         entries = _ts_entries(snap, channel_id, field, dict(params, results="1") if last else params, zone, now)
         channel = _ts_channel(snap, station, zone) if not last else None
+    if not last:
+        entries = _ts_aggregate(entries, params, zone)
     fields = [field] if field else sorted({f for _, _, values in entries for f in values} |
                                           ({int(k[5:]) for k in channel if k[:5] == "field"} if channel else set()))
 
     def feed(entry, ts, values):
         item = {"created_at": _ts_time(ts, zone), "entry_id": entry}
-        item.update(("field%d" % f, _ts_value(values[f]) if f in values else None) for f in fields)
+        item.update(("field%d" % f, _ts_value(values[f], digits) if f in values else None) for f in fields)
         return item
 
     if what == "age":
@@ -2085,7 +2503,7 @@ def render_ts_read(store, channel_id, what, field, fmt, params):
             # ThingSpeak answers -1; the 404 lets a careful script tell it from a reading of -1
             raise HTTPError(HTTPStatus.NOT_FOUND, "-1")
         if fmt == "txt":
-            text = _ts_value(entries[0][2][field]).encode() if field else _json(feed(*entries[0]))
+            text = _ts_value(entries[0][2][field], digits).encode() if field else _json(feed(*entries[0]))
             return text, "text/plain; charset=utf-8"
         if fmt == "json":
             return _json(feed(*entries[0])), "application/json"
@@ -2095,7 +2513,7 @@ def render_ts_read(store, channel_id, what, field, fmt, params):
         writer.writerow(["created_at", "entry_id"] + ["field%d" % f for f in fields])
         for entry, ts, values in entries:
             writer.writerow([_ts_time(ts, zone, csv_style=True), entry] +
-                            [_ts_value(values[f]) if f in values else "" for f in fields])
+                            [_ts_value(values[f], digits) if f in values else "" for f in fields])
         return buffer.getvalue().encode("utf-8"), "text/csv; charset=utf-8"
     return _json({"channel": channel, "feeds": [feed(*e) for e in entries]}), "application/json"
 
@@ -2845,16 +3263,39 @@ def on_ts_bulk(req, match):
     return _store_bulk(req, mac, entries)
 
 
+def _page_query(req):
+    """(range, fragment) of a page: ?range=24h|7d|30d|1y, and ?fragment=1 (what the open page fetches to refresh itself)."""
+    params = dict(urllib.parse.parse_qsl(req.query, max_num_fields=20, errors="replace"))
+    if params.get("range", "24h") not in RANGES:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "range must be %s" % ", ".join(RANGES))
+    return params.get("range", "24h"), params.get("fragment") == "1"
+
+
 def on_page(req, match):
-    """GET / (and ?fragment=1, what the open page fetches to refresh itself)."""
+    """GET / (?range=7d, ?fragment=1)."""
     server = req.server
     host = req.headers.get("Host", "")
     if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,255}", host, re.ASCII):
         host = "%s:%d" % server.server_address[:2]
     scheme = "https" if req.headers.get("X-Forwarded-Proto") == "https" and req.from_proxy() else "http"
-    fragment = ("fragment", "1") in urllib.parse.parse_qsl(req.query, max_num_fields=20, errors="replace")
-    body, nonce = render_page(server.store, server.view, now_ms(), "%s://%s/" % (scheme, host),
-                              server.api_key(), server.refresh, server.advisor, fragment)
+    range_name, fragment = _page_query(req)
+    return _html(*render_page(server.store, server.view, now_ms(), "%s://%s/" % (scheme, host),
+                              server.api_key(), server.refresh, server.advisor, fragment, range_name))
+
+
+def on_station(req, match):
+    """GET /station/MAC (?range=7d, ?fragment=1): one station, every field charted."""
+    server = req.server
+    try:
+        mac = parse_mac(urllib.parse.unquote(match.group(1)))
+    except ValueError as exc:
+        raise HTTPError(HTTPStatus.NOT_FOUND, str(exc)) from None
+    range_name, fragment = _page_query(req)
+    return _html(*render_station(server.store, server.view, now_ms(), mac, server.refresh, fragment, range_name))
+
+
+def _html(body, nonce):
+    """A page's answer, with the headers that keep it to itself."""
     return Response(body, content_type="text/html; charset=utf-8", headers=[
         ("Content-Security-Policy", "default-src 'none'; style-src 'nonce-%s'; script-src 'nonce-%s'; "
          "connect-src 'self'; img-src 'self' data:; manifest-src 'self'; base-uri 'none'; form-action 'none'; "
@@ -2873,6 +3314,10 @@ def on_advice(req, match):
     """GET /api/advice"""
     return Response(render_advice(req.server.advisor, req.server.store, now_ms()), content_type="application/json",
                     headers=_API_HEADERS)
+def on_series(req, match):
+    """GET /api/series?mac=&field=&range="""
+    body = render_series(req.server.store, req.server.view, parse_series_query(req.query), now_ms())
+    return Response(body, content_type="application/json", headers=_API_HEADERS)
 
 
 def on_readings(req, match):
@@ -2954,6 +3399,8 @@ ROUTES = (
     Route("/", "GET HEAD", on_page, read_access),
     Route("/api/latest", "GET HEAD", on_latest, read_access),
     Route("/api/advice", "GET HEAD", on_advice, read_access),
+    Route(re.compile(r"/station/([^/]{1,64})"), "GET HEAD", on_station, read_access),
+    Route("/api/series", "GET HEAD", on_series, read_access),
     Route("/api/readings", "GET HEAD", on_readings, read_access),
     Route("/api/readings.json", "GET HEAD", on_readings, read_access),
     Route("/api/readings.csv", "GET HEAD", on_readings, read_access),
@@ -3278,6 +3725,23 @@ class _MacAnd(argparse.Action):
         setattr(namespace, self.dest, pair)
 
 
+class _FieldArg(argparse.Action):
+    """``--field MAC N NAME UNIT``: each part checked once, stored as (mac, number, name, unit)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=4, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        mac, number, name, unit = values
+        try:
+            if not _FIELD_RE.fullmatch(number):
+                raise ValueError("a field is a number from 1 to 8")
+            name = _name_arg(name)
+            setattr(namespace, self.dest, (_mac_arg(mac), int(number), name, field_unit(name, unit.strip())))
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            parser.error("argument %s: %s" % (option_string, exc))
+
+
 def _proxies(given):
     if not given:
         return ("127.0.0.1", "::1")
@@ -3358,7 +3822,12 @@ def build_parser():
                          help="give a station a name")
     actions.add_argument("--role", action=_MacAnd, convert=_role_arg, metavar=("MAC", "ROLE"),
                          help="mark a station indoor or outdoor (the page compares them), or none")
-    actions.add_argument("--forget", type=_mac_arg, metavar="MAC", help="delete a station and its readings")
+    actions.add_argument("--field", action=_FieldArg, metavar=("MAC", "N", "NAME", "UNIT"),
+                         help="what a station's field N holds, e.g. --field MAC 1 temperature F: "
+                              "temperature (C, F, K), pressure (hPa, Pa, kPa, mbar, inHg, mmHg) and humidity (%%) "
+                              "are converted and checked; any other name is shown as sent, with UNIT")
+    actions.add_argument("--forget", type=_mac_arg, metavar="MAC",
+                         help="delete a station, its readings and their rollups")
     actions.add_argument("--show-key", action="store_true", help="print the API key and an example station URL")
     actions.add_argument("--rotate-key", action="store_true", help="replace the API key with a new random one")
     actions.add_argument("--lock", action="store_true", help="refuse stations not yet registered (403)")
@@ -3374,7 +3843,10 @@ def build_parser():
     actions.add_argument("--notify-test", action="store_true",
                          help="send a test message to every --notify URL, print the result of each, and exit")
     actions.add_argument("--prune-days", type=_positive(float), metavar="DAYS",
-                         help="delete readings older than DAYS days (for cron) and exit")
+                         help="delete readings older than DAYS days (for cron) and exit; "
+                              "the hourly and daily rollups stay, so charts still reach back")
+    actions.add_argument("--prune-rollups-days", type=_positive(float), metavar="DAYS",
+                         help="delete the hourly and daily rollups older than DAYS days and exit")
     return parser
 
 
@@ -3409,6 +3881,14 @@ def _cmd_role(args, store, out):
     mac, role = args.role
     store.set_role(mac, role)
     print("%s is now %s" % (mac, role if role != "none" else "without a role"), file=out)
+
+
+def _cmd_field(args, store, out):
+    mac, number, name, unit = args.field
+    store.set_field(mac, number, name, unit)
+    field = Field(number, name, unit)
+    how = "shown in %s" % field.base_unit if field.quantity else "shown as sent"
+    print("%s field %d is %s in %s (%s)" % (mac, number, name, unit or "no unit", how), file=out)
 
 
 def _cmd_forget(args, store, out):
@@ -3483,16 +3963,20 @@ def _cmd_notify_test(args, store, out):
             failed += 1
             print("%s: failed (%s)" % (target.label, describe_failure(target, exc)), file=out)
     return 1 if failed else 0
+def _cmd_prune_rollups_days(args, store, out):
+    count = store.prune(args.prune_rollups_days, rollups=True)
+    print("pruned %d hourly and daily rollups older than %g days" % (count, args.prune_rollups_days), file=out)
 
 
 #: Every admin action: the flag's dest -> the function that runs it. Flags not named
 #: here serve (or configure serving).
 COMMANDS = {
-    "stations": _cmd_stations, "rename": _cmd_rename, "role": _cmd_role, "forget": _cmd_forget,
+    "stations": _cmd_stations, "rename": _cmd_rename, "role": _cmd_role, "field": _cmd_field, "forget": _cmd_forget,
     "show_key": _cmd_show_key, "rotate_key": _cmd_rotate_key, "lock": _cmd_lock, "unlock": _cmd_unlock,
     "channel_key": _cmd_channel_key, "rotate_channel_key": _cmd_rotate_channel_key,
     "add_channel": _cmd_add_channel, "backup": _cmd_backup, "prune_days": _cmd_prune_days,
     "notify_test": _cmd_notify_test,
+    "prune_rollups_days": _cmd_prune_rollups_days,
 }
 
 
