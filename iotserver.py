@@ -2936,7 +2936,7 @@ class Handler(BaseHTTPRequestHandler):
         super().setup()
         self.rfile = _LineReader(self.rfile)
         self._peer = _plain_ip(self.client_address[0]) if self.client_address else "-"
-        # idle: waiting for a request line; reading: its headers or body; busy: answering it
+        # idle: waiting for a request line; reading: its headers; body: its body; busy: answering it
         self._phase, self._since, self._dropped = "idle", time.monotonic(), False
         self.route = None  # the ROUTES row answering the current request, once found
         self.server.track(self, True)
@@ -3045,16 +3045,16 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number")
         if int(length) > limit:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body is larger than %d bytes" % limit)
-        self._phase = "reading"  # a body trickled in byte by byte is cut off like slow headers
+        self._phase = "body"  # a body trickled in byte by byte is cut off like slow headers
         try:
             body = self.rfile.read(int(length))
         except OSError:  # the socket timeout: the rest of the body never came
-            self.close_connection = True
-            raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, "the body did not arrive in time") from None
+            body = None
         finally:
             self._phase = "busy"
-        if self._dropped:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "body too slow")
+        if body is None or self._dropped:  # timed out, or cut off by the reaper (which leaves us the answer)
+            self.close_connection = True
+            raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, "the body did not arrive in time")
         if len(body) != int(length):
             self.close_connection = True
             raise HTTPError(HTTPStatus.BAD_REQUEST, "body is shorter than its Content-Length")
@@ -3524,10 +3524,11 @@ class Server(ThreadingHTTPServer):
         while not self._reaper_stop.wait(0.5):
             now = time.monotonic()
             with self._connections_lock:
-                slow = [h for h in self._connections if h._phase == "reading" and not h._dropped
+                slow = [h for h in self._connections if h._phase in ("reading", "body") and not h._dropped
                         and now - h._since > self.client_timeout]
             for handler in slow:
-                self._drop(handler)
+                # one stuck in its body is still answered (408): stop reading only
+                self._drop(handler, socket.SHUT_RD if handler._phase == "body" else socket.SHUT_RDWR)
             if self.dropped > reported and now - last_report > 60 and not self.quiet:  # one line a minute at most
                 log("iotserver: dropped %d slow or surplus clients" % (self.dropped - reported))
                 reported, last_report = self.dropped, now
