@@ -15,10 +15,14 @@ import base64
 import contextlib
 import csv
 import datetime
+import email.message
 import email.utils
 import functools
+import hashlib
+import heapq
 import hmac
 import html
+import http.client
 import io
 import ipaddress
 import itertools
@@ -28,8 +32,10 @@ import os
 import re
 import secrets
 import signal
+import smtplib
 import socket
 import sqlite3
+import ssl
 import string
 import struct
 import sys
@@ -418,11 +424,113 @@ def client_network(address):
 
 
 ###############################################################################
+# Fields and units ############################################################
+###############################################################################
+# What a station's field holds: FIELDS (see Advice) unless the owner said otherwise with
+# --field. Values are stored as posted; the page, the charts and the advice read them in one
+# unit per quantity, and a value outside the quantity's plausible range is flagged.
+
+#: Quantities converted and checked, by field name: the unit they are read in, the plausible
+#: range in that unit (air at a weather station), and the units a station may post in, each as
+#: (offset, factor) to that unit.
+QUANTITIES = {
+    "temperature": ("°C", -60.0, 60.0, {"°C": (0.0, 1.0), "°F": (-32.0, 5 / 9), "K": (-273.15, 1.0)}),
+    "pressure": ("hPa", 300.0, 1100.0, {"hPa": (0.0, 1.0), "mbar": (0.0, 1.0), "Pa": (0.0, 0.01),
+                                        "kPa": (0.0, 10.0), "inHg": (0.0, 33.8639), "mmHg": (0.0, 1.333224)}),
+    "humidity": ("%", 0.0, 100.0, {"%": (0.0, 1.0)}),
+}
+
+
+class Field:
+    """One field of a station: its name, the unit it is posted in, how to read it in its quantity's unit."""
+
+    __slots__ = ("number", "name", "key", "unit", "quantity")
+
+    def __init__(self, number, name=None, unit=None):
+        default = FIELDS.get(number, ("Field %d" % number, ""))
+        self.number, self.name = number, name or default[0]
+        self.key = self.name.lower() if name or number in FIELDS else "field%d" % number  # its name in the APIs
+        self.unit = default[1] if unit is None else unit
+        quantity = QUANTITIES.get(self.name.lower())
+        self.quantity = quantity if quantity and self.unit in quantity[3] else None
+
+    @property
+    def base_unit(self):
+        """The unit convert() gives: the quantity's (°C, hPa, %), or the posted one."""
+        return self.quantity[0] if self.quantity else self.unit
+
+    def convert(self, value):
+        if value is None or not self.quantity:
+            return value
+        offset, factor = self.quantity[3][self.unit]
+        return (value + offset) * factor
+
+    def plausible(self, value):
+        """Whether a converted value can be real (a wrong unit or a broken sensor is not)."""
+        return not self.quantity or self.quantity[1] <= value <= self.quantity[2]
+
+
+def field_unit(name, text):
+    """The unit ``text`` names for a field called ``name`` ('f' for a temperature is '°F'), or ValueError."""
+    quantity = QUANTITIES.get(name.lower())
+    if not quantity:
+        if len(text) > 16 or not text.isprintable():
+            raise ValueError("a unit is at most 16 printable characters")
+        return text
+    for unit in quantity[3]:
+        if text.lower() in (unit.lower(), unit.lstrip("°").lower()):
+            return unit
+    raise ValueError("a %s is posted in %s" % (name.lower(), ", ".join(u.lstrip("°") for u in quantity[3])))
+
+
+###############################################################################
 # Storage #####################################################################
 ###############################################################################
 
+HOUR_MS, DAY_MS = 3_600_000, 86_400_000
+#: The rollups kept of every station's field: hourly and daily (UTC).
+ROLLUP_SPANS = (HOUR_MS, DAY_MS)
+_SPANS = ", ".join("(%d)" % span for span in ROLLUP_SPANS)
+
+
+def _pack(value):
+    """A value as stored: the integer m*8+e when it is exactly m/10**e (2-3 bytes on disk), else the float."""
+    if value or math.copysign(1.0, value) > 0:  # -0.0 stays a float, its sign intact
+        for e in range(8):
+            m = round(value * 10 ** e)
+            if abs(m) < 2 ** 49 and m / 10 ** e == value:
+                return m * 8 + e
+    return value
+
+
+def _unpack(stored):
+    """The value a stored number stands for (_pack undone): exactly the float that was posted."""
+    return stored if isinstance(stored, float) else (stored >> 3) / 10 ** (stored & 7)
+
+
+def _unpacked(column):
+    """_unpack as an SQL expression (the same division, so the same float) for the view and the triggers."""
+    return ("(CASE WHEN typeof(%s) = 'integer' THEN (%s >> 3) / (CASE %s & 7 %s END) ELSE %s END)"
+            % (column, column, column, " ".join("WHEN %d THEN 1e%d" % (e, e) for e in range(8)), column))
+
+
+def _copied(rows):
+    """Readings of schema 2, in key order, for the samples table: packed, and numbered within a millisecond."""
+    last, n = None, 0
+    for station_id, field, ts, value in rows:
+        n = n + 1 if (station_id, field, ts) == last else 0
+        last = (station_id, field, ts)
+        yield station_id, field, ts, n, _pack(value)
+
+
+def _insert(station_id, field, ts, value):
+    """The SQL that stores a reading, numbered after any its field already has in that millisecond."""
+    return ("INSERT INTO samples (station_id, field, ts, n, v) SELECT {s}, {f}, {t}, coalesce(max(n) + 1, 0), {v} "
+            "FROM samples WHERE station_id = {s} AND field = {f} AND ts = {t}").format(s=station_id, f=field, t=ts, v=value)
+
+
 #: Schema changes in order; migration N is recorded as PRAGMA user_version = N
-#: in the same transaction that applies it.
+#: in the same transaction that applies it. A step is an SQL statement or a function of the connection.
 MIGRATIONS = (
     (
         """CREATE TABLE stations (
@@ -450,6 +558,67 @@ MIGRATIONS = (
         "CREATE UNIQUE INDEX stations_write_key ON stations (write_key)",
         # the readings written together in one ThingSpeak update; NULL means the row's own id
         "ALTER TABLE readings ADD COLUMN entry INTEGER",
+    ),
+    (
+        # a reading costs its key and its packed value (about 19 bytes on disk): no rowid, no
+        # index beside the key; an entry (the fields of one write) is known by its time. n numbers
+        # the readings a field got in one millisecond (0, stored in no bytes, but for a flood)
+        """CREATE TABLE samples (
+            station_id INTEGER NOT NULL REFERENCES stations (id),
+            field INTEGER NOT NULL CHECK (field BETWEEN 1 AND 8),
+            ts INTEGER NOT NULL,
+            n INTEGER NOT NULL,
+            v NOT NULL,
+            PRIMARY KEY (station_id, field, ts, n)) WITHOUT ROWID""",
+        lambda conn: conn.executemany("INSERT INTO samples (station_id, field, ts, n, v) VALUES (?, ?, ?, ?, ?)",
+                                      _copied(conn.execute("SELECT station_id, field, ts, value FROM readings "
+                                                           "ORDER BY station_id, field, ts"))),
+        "DROP TABLE readings",
+        # hourly and daily (UTC) summaries: what charts longer than a day draw; pruning keeps them
+        """CREATE TABLE rollups (
+            station_id INTEGER NOT NULL REFERENCES stations (id),
+            field INTEGER NOT NULL,
+            span INTEGER NOT NULL,
+            start INTEGER NOT NULL,
+            count INTEGER NOT NULL,
+            total REAL NOT NULL,
+            low REAL NOT NULL,
+            high REAL NOT NULL,
+            PRIMARY KEY (station_id, field, span, start)) WITHOUT ROWID""",
+        """INSERT INTO rollups (station_id, field, span, start, count, total, low, high)
+           SELECT station_id, field, span.column1, ts - ts %% span.column1, count(*), sum(value), min(value), max(value)
+           FROM (SELECT station_id, field, ts, %s AS value FROM samples), (VALUES %s) AS span
+           GROUP BY 1, 2, 3, 4""" % (_unpacked("v"), _SPANS),
+        # every write path keeps the rollups current: the server's, a back-dated or bulk entry, plain SQL
+        """CREATE TRIGGER samples_rollup AFTER INSERT ON samples BEGIN
+           INSERT INTO rollups (station_id, field, span, start, count, total, low, high)
+           SELECT NEW.station_id, NEW.field, span.column1, NEW.ts - NEW.ts %% span.column1, 1, %s, %s, %s
+           FROM (VALUES %s) AS span WHERE true
+           ON CONFLICT DO UPDATE SET count = count + 1, total = total + excluded.total,
+               low = min(low, excluded.low), high = max(high, excluded.high);
+           END""" % ((_unpacked("NEW.v"),) * 3 + (_SPANS,)),
+        # the readings as before, values unpacked, for your own SQL (and older tools): id orders
+        # them by time, then field; entry is the ThingSpeak entry id (the time). Written to by
+        # hand, the rollups take what is inserted and keep what is deleted (as after a prune)
+        """CREATE VIEW readings (id, station_id, field, value, ts, entry, n) AS
+           SELECT ts * 8 + field - 1, station_id, field, %s, ts, ts, n FROM samples""" % _unpacked("v"),
+        """CREATE TRIGGER readings_insert INSTEAD OF INSERT ON readings BEGIN
+           %s;
+           END""" % _insert("NEW.station_id", "NEW.field", "NEW.ts", "CAST(NEW.value AS REAL)"),
+        """CREATE TRIGGER readings_delete INSTEAD OF DELETE ON readings BEGIN
+           DELETE FROM samples WHERE station_id = OLD.station_id AND field = OLD.field AND ts = OLD.ts AND n = OLD.n;
+           END""",
+        """CREATE TRIGGER readings_update INSTEAD OF UPDATE ON readings BEGIN
+           DELETE FROM samples WHERE station_id = OLD.station_id AND field = OLD.field AND ts = OLD.ts AND n = OLD.n;
+           %s;
+           END""" % _insert("NEW.station_id", "NEW.field", "NEW.ts", "CAST(NEW.value AS REAL)"),
+        # what a station's field holds when it is not what FIELDS says (--field)
+        """CREATE TABLE fields (
+            station_id INTEGER NOT NULL REFERENCES stations (id),
+            field INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            PRIMARY KEY (station_id, field))""",
     ),
 )
 
@@ -548,11 +717,36 @@ class Store:
         if version > len(MIGRATIONS):
             raise StoreError("database %s has schema %d; this iotserver knows only %d (newer iotserver?)"
                              % (self.path, version, len(MIGRATIONS)))
-        for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+        converting = 0 < version < len(MIGRATIONS)
+        if converting:
+            # a note committed on its own: if the conversion never finishes, the next start says so
             with self.atomic() as conn:
-                for statement in statements:
-                    conn.execute(statement)
-                conn.execute("PRAGMA user_version = %d" % number)
+                again = conn.execute("SELECT value FROM settings WHERE name = 'converting'").fetchone()
+                conn.execute("INSERT OR REPLACE INTO settings (name, value) VALUES ('converting', ?)",
+                             (str(len(MIGRATIONS)),))
+            if again:
+                log("iotserver: the last conversion of %s did not finish; the database was left as it was "
+                    "(schema %d)" % (self.path, version))
+            log("iotserver: converting %s from schema %d to %d (once; an interruption leaves it as it is)"
+                % (self.path, version, len(MIGRATIONS)))
+        try:
+            for number, steps in enumerate(MIGRATIONS[version:], start=version + 1):
+                with self.atomic() as conn:
+                    for step in steps:
+                        step(conn) if callable(step) else conn.execute(step)
+                    conn.execute("DELETE FROM settings WHERE name = 'converting'")
+                    conn.execute("PRAGMA user_version = %d" % number)
+                version = number
+        except BaseException:
+            if converting:
+                log("iotserver: the conversion stopped; %s is as it was (schema %d)" % (self.path, version))
+            raise
+        if converting:
+            free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+            pages = self._conn.execute("PRAGMA page_count").fetchone()[0]
+            if free > pages // 4:  # the old tables' space: give it back to the disk
+                self._conn.execute("VACUUM")
+            log("iotserver: converted %s to schema %d" % (self.path, version))
 
     def close(self):
         """Close the database after a checkpoint that waits for no one (the last connection's close finishes it)."""
@@ -581,6 +775,11 @@ class Store:
             self._latest.clear()
             self._series_cache.clear()
             self._generation += 1
+
+    @property
+    def generation(self):
+        """A number that changes whenever the data does, by this process or another (seen on the next read)."""
+        return self._generation
 
     def setting(self, name, default=None, refresh=True):
         """A stored setting (as text), current as of this call (or of the last refresh)."""
@@ -672,18 +871,14 @@ class Store:
                             "INSERT INTO stations (mac, name, created_at, write_key) VALUES (?, ?, ?, ?)",
                             (item.mac, item.mac, item.ts, write_key)).lastrowid
                         keys[write_key] = item.mac
-                    entry, stored = None, {}  # entry: the first row's own id; the entry's other rows point to it
-                    if item.measured:
-                        stored = dict(conn.execute("SELECT field, coalesce(entry, id) FROM readings "
-                                                   "WHERE station_id = ? AND ts = ?", (station_id, item.ts)))
-                        entry = next(iter(stored.values()), None)
-                    item.values = [(f, v) for f, v in item.values if f not in stored]  # the rest was sent before
-                    for field, value in item.values:
-                        row = conn.execute(
-                            "INSERT INTO readings (station_id, field, value, ts, entry) VALUES (?, ?, ?, ?, ?)",
-                            (station_id, field, value, item.ts, entry)).lastrowid
-                        entry = entry or row
-                    item.entry = entry
+                    if item.measured:  # a retry: fields already stored at this measurement time are not stored again
+                        stored = {f for (f,) in conn.execute(  # eight key look-ups
+                            "SELECT field FROM samples WHERE station_id = ? AND field IN (1, 2, 3, 4, 5, 6, 7, 8) "
+                            "AND ts = ?", (station_id, item.ts))}
+                        item.values = [(f, v) for f, v in item.values if f not in stored]
+                    conn.executemany(_insert("?1", "?2", "?3", "?4"),
+                                     [(station_id, f, item.ts, _pack(v)) for f, v in item.values])
+                    item.entry = item.ts  # an entry is known by its time: that is its id
         except Exception as exc:
             for item in batch:
                 item.entry, item.error = None, exc
@@ -760,26 +955,35 @@ class Store:
                 conn.execute("UPDATE stations SET role = NULL WHERE role = ?", (role,))
             conn.execute("UPDATE stations SET role = ? WHERE id = ?", (role, station_id))
 
-    def _delete_batches(self, where, params, pause=0.005):
-        """Delete readings matching ``where`` in short transactions; return how many."""
+    def set_field(self, mac, number, name, unit):
+        """Say what a station's field holds (see Field): its name and the unit it is posted in."""
+        with self.atomic() as conn:
+            conn.execute("INSERT OR REPLACE INTO fields (station_id, field, name, unit) VALUES (?, ?, ?, ?)",
+                         (self._station_id(conn, mac), number, name, unit))
+
+    def _delete_batches(self, table, where, params, pause=0.005):
+        """Delete rows of samples or rollups matching ``where`` in short transactions; return how many."""
+        key = "station_id, field, ts, n" if table == "samples" else "station_id, field, span, start"
         total = 0
         while True:
             with self.atomic() as conn:
-                deleted = conn.execute(
-                    "DELETE FROM readings WHERE id IN (SELECT id FROM readings WHERE %s LIMIT %d)"
-                    % (where, PRUNE_BATCH), params).rowcount
+                deleted = conn.execute("DELETE FROM %s WHERE (%s) IN (SELECT %s FROM %s WHERE %s LIMIT %d)"
+                                       % (table, key, key, table, where, PRUNE_BATCH), params).rowcount
             total += deleted
             if deleted < PRUNE_BATCH:
                 return total
             time.sleep(pause)  # let the server's writes in between batches
 
     def forget(self, mac):
-        """Delete a station and all its readings; return how many readings went."""
+        """Delete a station, all its readings and their rollups; return how many readings went."""
         with self._lock:
             station_id = self._station_id(self._conn, mac)
-        total = self._delete_batches("station_id = ?", (station_id,))
+        total = self._delete_batches("samples", "station_id = ?", (station_id,))
+        self._delete_batches("rollups", "station_id = ?", (station_id,))
         with self.atomic() as conn:
-            total += conn.execute("DELETE FROM readings WHERE station_id = ?", (station_id,)).rowcount
+            total += conn.execute("DELETE FROM samples WHERE station_id = ?", (station_id,)).rowcount
+            for table in ("rollups", "fields"):
+                conn.execute("DELETE FROM %s WHERE station_id = ?" % table, (station_id,))
             conn.execute("DELETE FROM stations WHERE id = ?", (station_id,))
         return total
 
@@ -814,12 +1018,17 @@ class Store:
                 total += os.path.getsize(path)
         return total
 
-    def prune(self, days):
-        """Delete readings older than ``days`` days, station by station, in batches."""
-        cutoff = now_ms() - int(days * 86_400_000)
+    def prune(self, days, rollups=False):
+        """Delete readings (or with ``rollups``, rollups) older than ``days`` days, in batches; return how many."""
+        cutoff = now_ms() - int(days * DAY_MS)
         with self._lock:
             ids = [row[0] for row in self._conn.execute("SELECT id FROM stations")]
-        total = sum(self._delete_batches("station_id = ? AND ts < ?", (sid, cutoff)) for sid in ids)
+        if rollups:
+            total = sum(self._delete_batches("rollups", "station_id = ? AND start + span <= ?", (sid, cutoff))
+                        for sid in ids)
+        else:  # field by field: each batch is one stretch of the key
+            total = sum(self._delete_batches("samples", "station_id = ? AND field = ? AND ts < ?", (sid, f, cutoff))
+                        for sid in ids for f in range(1, 9))
         with self._lock, contextlib.suppress(sqlite3.OperationalError):
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return total
@@ -870,7 +1079,8 @@ class Snapshot:
 
     Made once per request by Store.snapshot(). Its constructor first lets the store's
     in-memory views catch up with changes another process made, so no read can see a
-    view older than the database.
+    view older than the database. Values come back in their quantity's unit (see Field)
+    except where a method says "as posted".
     """
 
     def __init__(self, store, conn):
@@ -880,17 +1090,24 @@ class Snapshot:
                             "ORDER BY role IS NULL, role DESC, name, mac").fetchall()
         #: Stations as dicts (id, mac, name, role): outdoor, indoor, then the rest by name.
         self.stations = [dict(zip(("id", "mac", "name", "role"), row)) for row in rows]
+        self._fields = {(sid, n): Field(n, name, unit)
+                        for sid, n, name, unit in conn.execute("SELECT station_id, field, name, unit FROM fields")}
 
     def station(self, station_id):
         """The station with this id (a ThingSpeak channel id), or None."""
         return next((s for s in self.stations if s["id"] == station_id), None)
 
+    def field(self, station_id, number):
+        """What a station's field holds: a Field."""
+        return self._fields.get((station_id, number)) or Field(number)
+
     def latest(self, station, since_ms=None):
         """Fill ``station`` with its latest value per field, min/max since ``since_ms``, interval.
 
-        Kept in memory and updated by every write, so a page with many stations costs
-        dictionary look-ups, not eight queries a station; read from the database on
-        first use and again whenever another process changed it.
+        Each field: value, min, max (converted), ts, posted (the value as posted), field (a
+        Field) and implausible. Kept in memory and updated by every write, so a page with many
+        stations costs dictionary look-ups, not eight queries a station; read from the database
+        on first use and again whenever another process changed it.
         """
         store, conn = self._store, self._conn
         with store._lock:
@@ -901,18 +1118,21 @@ class Snapshot:
                 if generation == store._generation:
                     store._latest[station["id"]] = entry  # nothing was written meanwhile
         fields = {}
-        for field, (value, ts) in sorted(entry["fields"].items()):
+        for number, (value, ts) in sorted(entry["fields"].items()):
             low = high = None
             if since_ms is not None:
-                span = entry["ranges"].get((field, since_ms))
+                span = entry["ranges"].get((number, since_ms))
                 if span is None:
                     span = conn.execute("SELECT min(value), max(value) FROM readings WHERE station_id = ? "
-                                        "AND field = ? AND ts >= ?", (station["id"], field, since_ms)).fetchone()
+                                        "AND field = ? AND ts >= ?", (station["id"], number, since_ms)).fetchone()
                     with store._lock:
                         if generation == store._generation:
-                            entry["ranges"][(field, since_ms)] = list(span)
+                            entry["ranges"][(number, since_ms)] = list(span)
                 low, high = span
-            fields[field] = {"value": value, "ts": ts, "min": low, "max": high}
+            field = self.field(station["id"], number)
+            fields[number] = {"value": field.convert(value), "ts": ts, "min": field.convert(low),
+                              "max": field.convert(high), "posted": value, "field": field,
+                              "implausible": not field.plausible(field.convert(value))}
         station["fields"] = fields
         station["last_seen"] = max((f["ts"] for f in fields.values()), default=None)
         recent = list(entry["recent"])
@@ -921,7 +1141,7 @@ class Snapshot:
         return station
 
     def _load_latest(self, station_id):
-        """A station's latest values from the database: eight index seeks, cheap at any table size."""
+        """A station's latest values from the database: eight key seeks, cheap at any table size."""
         fields = {}
         for field in range(1, 9):
             row = self._conn.execute("SELECT value, ts FROM readings WHERE station_id = ? AND field = ? "
@@ -936,93 +1156,112 @@ class Snapshot:
         return {"fields": fields, "recent": recent, "ranges": {}}
 
     def series(self, station_id, field, since_ms, bucket_ms, now):
-        """Average of a field per time bucket since ``since_ms``: [(bucket start ms, value)].
+        """A field per time bucket since ``since_ms``: [(bucket start ms, min, mean, max, count)].
 
-        Buckets that ended over a minute ago cannot change (the server stamps readings
-        on arrival), so they are kept in memory until another process changes the
-        database (a prune, a forget); only the newest buckets are read again.
+        Buckets of an hour or more come from the rollups (a year is 365 rows, and pruning the
+        readings does not empty it). Shorter ones from the readings: buckets that ended over a
+        minute ago cannot change (the server stamps readings on arrival), so they are kept in
+        memory until another process changes the database (a prune, a forget); only the newest
+        buckets are read again.
         """
-        cache = self._store._series_cache
         first = since_ms // bucket_ms * bucket_ms
-        key = (station_id, field, bucket_ms)
-        done, until = cache.get(key, ({}, first))
-        fresh = self._conn.execute(
-            "SELECT (ts / ?) * ?, avg(value) FROM readings WHERE station_id = ? AND field = ? AND ts >= ? "
-            "GROUP BY ts / ? ORDER BY 1", (bucket_ms, bucket_ms, station_id, field, max(first, until), bucket_ms)
-        ).fetchall()
-        complete = (now - 60_000) // bucket_ms * bucket_ms
-        done = {b: v for b, v in done.items() if b >= first}
-        done.update((b, v) for b, v in fresh if b + bucket_ms <= complete)
-        cache[key] = (done, max(until, complete))
-        return sorted(done.items()) + [(b, v) for b, v in fresh if b + bucket_ms > complete]
+        if bucket_ms >= HOUR_MS:
+            span = DAY_MS if bucket_ms % DAY_MS == 0 else HOUR_MS
+            rows = self._conn.execute(
+                "SELECT start / ?1 * ?1, min(low), sum(total) / sum(count), max(high), sum(count) FROM rollups "
+                "WHERE station_id = ?2 AND field = ?3 AND span = ?4 AND start >= ?5 GROUP BY start / ?1 ORDER BY 1",
+                (bucket_ms, station_id, field, span, first)).fetchall()
+        else:
+            cache = self._store._series_cache
+            key = (station_id, field, bucket_ms)
+            done, until = cache.get(key, ({}, first))
+            fresh = self._conn.execute(
+                "SELECT ts / ?1 * ?1, min(value), avg(value), max(value), count(*) FROM readings "
+                "WHERE station_id = ?2 AND field = ?3 AND ts >= ?4 GROUP BY ts / ?1 ORDER BY 1",
+                (bucket_ms, station_id, field, max(first, until))).fetchall()
+            complete = (now - 60_000) // bucket_ms * bucket_ms
+            done = {row[0]: row for row in done.values() if row[0] >= first}
+            done.update((row[0], row) for row in fresh if row[0] + bucket_ms <= complete)
+            cache[key] = (done, max(until, complete))
+            rows = sorted(done.values()) + [row for row in fresh if row[0] + bucket_ms > complete]
+        f = self.field(station_id, field)
+        return [(start, f.convert(low), f.convert(mean), f.convert(high), count)
+                for start, low, mean, high, count in rows]
 
     def values(self, station_id, field, since_ms, limit):
-        """The last ``limit`` values of a field since ``since_ms``, oldest first: [(ms, value)]."""
+        """The last ``limit`` plausible values of a field since ``since_ms``, oldest first: [(ms, value)]."""
+        f = self.field(station_id, field)
         rows = self._conn.execute(
             "SELECT ts, value FROM readings WHERE station_id = ? AND field = ? AND ts >= ? "
             "ORDER BY ts DESC LIMIT ?", (station_id, field, since_ms, limit)).fetchall()
-        return rows[::-1]
+        return [(ts, f.convert(v)) for ts, v in reversed(rows) if f.plausible(f.convert(v))]
 
     def readings(self, station_ids, field, since_ms, until_ms, limit):
-        """Readings in a time range, oldest first, READ_BATCH at a time: lists of (ts, id, mac, name, field, value).
+        """Readings in a time range, oldest first, as posted, READ_BATCH at a time: lists of
+        (ts, mac, name, field, value, unit).
 
-        Read in time windows that grow while they hold few rows and shrink while they hold
-        many: one ORDER BY over the whole range would make SQLite sort all of it (megabytes
-        for a big export) before handing out the first row.
+        Read in time windows that widen while they hold few readings and narrow while they
+        hold many: one query over the whole range would have SQLite sort all of it, or hold a
+        statement open for every station and field, before the first row came out.
         """
-        sql = ("SELECT r.ts, r.id, s.mac, s.name, r.field, r.value FROM readings r JOIN stations s ON s.id = r.station_id "
-               "WHERE r.station_id IN (%s)%s AND r.ts >= ? AND r.ts < ? AND (r.ts > ? OR r.id > ?) "
-               "ORDER BY r.ts, r.id LIMIT ?" % (",".join("?" * len(station_ids)), " AND r.field = ?" if field else ""))
-        chosen = list(station_ids) + ([field] if field else [])
-        after, width = (since_ms, -1), 60_000  # (ts, id) of the last row handed out; the window's length
-        while limit > 0 and after[0] < until_ms:
-            end = min(until_ms, after[0] + width)
-            rows = self._conn.execute(sql, chosen + [after[0], end, *after, min(limit, READ_BATCH)]).fetchall()
-            if rows:
-                yield rows
-                limit -= len(rows)
-            if len(rows) == READ_BATCH:  # more may be left in this window
-                after, width = rows[-1][:2], max(1, width // 2)
-            else:
-                after, width = (end, -1), width * 2
+        order = {station_id: i for i, station_id in enumerate(station_ids)}
+        names = {s["id"]: (s["mac"], s["name"]) for s in self.stations}
+        numbers = [field] if field else list(range(1, 9))
+        sql = ("SELECT ts, station_id, field, n, value FROM readings WHERE station_id IN (%s) AND field IN (%s) "
+               "AND ts >= ? AND ts < ? ORDER BY ts LIMIT ?" % (",".join("?" * len(station_ids)), ",".join("?" * len(numbers))))
+        start, width = since_ms, 60_000
+        while limit > 0 and start < until_ms:
+            end = min(until_ms, start + width)
+            rows = self._conn.execute(sql, [*station_ids, *numbers, start, end, READ_BATCH + 1]).fetchall()
+            if len(rows) > READ_BATCH:  # a batch ends with a whole millisecond; the next window is narrower
+                end = rows[-1][0] if rows[-1][0] > start else start + 1
+                rows = [r for r in rows if r[0] < end] if end > start + 1 else self._conn.execute(
+                    sql, [*station_ids, *numbers, start, end, -1]).fetchall()  # one millisecond, read whole
+                width = max(1, width // 2)
+            elif len(rows) < READ_BATCH // 2:
+                width *= 2
+            rows.sort(key=lambda r: (r[0], order[r[1]], r[2], r[3]))  # as the stations are listed, then by field
+            if rows[:limit]:
+                yield [(ts, *names[sid], number, value, self.field(sid, number).unit)
+                       for ts, sid, number, _, value in rows[:limit]]
+            limit -= len(rows)
+            start = end
 
     def entries(self, station_id, field, since_ms, until_ms, limit):
-        """A channel's newest ``limit`` ThingSpeak entries in a range, oldest first, READ_BATCH at a time:
-        lists of (entry id, ms, {field: value}).
+        """A channel's newest ``limit`` ThingSpeak entries in a range, oldest first, as posted, READ_BATCH at a
+        time: lists of (entry id, ms, {field: value}).
 
-        An entry's rows are adjacent (one write, one time, consecutive ids): a first pass,
-        newest first, only counts entries to find the oldest one wanted; the second reads
-        forward from there, so no more than a batch is held at once.
+        An entry is known by its time. A first pass, newest first, only counts times to find the
+        oldest one wanted; the second reads forward from there, so no more than a batch is held.
         """
-        where = "station_id = ? AND ts < ?" + (" AND field = ?" if field else "")
-        args = [station_id, until_ms] + ([field] if field else [])
-        start, seen, last = (until_ms, 0), 0, None  # (ts, id) of the oldest row wanted; none yet
-        for ts, row, entry in self._conn.execute("SELECT ts, id, coalesce(entry, id) FROM readings WHERE %s "
-                                                 "AND ts >= ? ORDER BY ts DESC, id DESC" % where, args + [since_ms]):
-            if entry != last:
-                if seen == limit:
-                    break
-                seen, last = seen + 1, entry
-            start = (ts, row)
-        rows = self._conn.execute("SELECT coalesce(entry, id), ts, field, value FROM readings WHERE %s AND ts >= ? "
-                                  "AND (ts > ? OR id >= ?) ORDER BY ts, id" % where, args + [start[0], *start])
+        def runs(start, direction):
+            """Each field's readings in time order, merged into one stream of (ts, field, value)."""
+            return heapq.merge(*(self._conn.execute(
+                "SELECT ts, ?, value FROM readings WHERE station_id = ? AND field = ? AND ts >= ? AND ts < ? "
+                "ORDER BY ts %s" % direction, (number, station_id, number, start, until_ms))
+                for number in ([field] if field else range(1, 9))), reverse=direction == "DESC")
+
+        start = until_ms  # the oldest time wanted; none yet
+        for start, _ in itertools.islice(itertools.groupby(ts for ts, _, _ in runs(since_ms, "DESC")), limit):
+            pass
         batch = []
-        for entry, ts, f, value in rows:
-            if not batch or batch[-1][0] != entry:
-                if len(batch) == READ_BATCH:
-                    yield batch
-                    batch = []
-                batch.append((entry, ts, {}))
-            batch[-1][2][f] = value
+        for ts, readings in itertools.groupby(runs(start, "ASC"), key=lambda r: r[0]):
+            values = {}
+            for _, number, value in readings:
+                values.setdefault(number, value)  # a field twice in one millisecond (a flood): the first
+            batch.append((ts, ts, values))
+            if len(batch) == READ_BATCH:
+                yield batch
+                batch = []
         if batch:
             yield batch
 
     def channel_facts(self, station_id):
         """(last entry id, created at ms) of a station's ThingSpeak channel."""
-        last = self._conn.execute("SELECT max(coalesce(entry, id)) FROM readings WHERE station_id = ?",
-                                  (station_id,)).fetchone()[0]
+        last = max((self._conn.execute("SELECT max(ts) FROM samples WHERE station_id = ? AND field = ?",
+                                       (station_id, number)).fetchone()[0] or 0 for number in range(1, 9)))
         created = self._conn.execute("SELECT created_at FROM stations WHERE id = ?", (station_id,)).fetchone()[0]
-        return last, created
+        return last or None, created
 
 
 ###############################################################################
@@ -1040,19 +1279,42 @@ OFFLINE_INTERVALS = 4
 OFFLINE_MIN_MS = 3 * 60_000
 #: Assumed interval for a station with too few readings to tell (the firmware posts once a minute).
 DEFAULT_INTERVAL_MS = 60_000
-#: How far back the advice looks for the last clear difference (the hysteresis memory):
-#: two hours, and at most this many readings of each station (40 minutes at one a minute).
+#: What the advice looks at: the last two hours, at most this many readings of each of the
+#: two stations' temperature and humidity (two hours at one a minute).
 ADVICE_MEMORY_MS = 2 * 3_600_000
-ADVICE_MEMORY_READINGS = 40
+ADVICE_MEMORY_READINGS = 120
+#: The comfort band (°C) the advice brings the inside toward (--comfort): 20–24 °C is the
+#: range heating and cooling guides (EN 16798, ASHRAE 55) give for living rooms in clothes
+#: worn indoors.
+COMFORT_C = (20.0, 24.0)
+#: Outside air with a dew point above this (°C) is muggy: the advice will not open for it.
+MAX_DEW_POINT_C = 18.0
+#: Inside is humid from this relative humidity (%) on, until it falls this much below it.
+HUMID_RH, HUMID_RH_HYSTERESIS = 60.0, 5.0
+#: Outside air is clearly drier when it holds at most this share of the water inside air
+#: holds (g/m³), and stays so until it holds more than the second share.
+DRIER_SHARE, DRIER_SHARE_OFF = 0.8, 0.9
+#: The Magnus formula's constants over water (Sonntag 1990), good from -45 to 60 °C.
+MAGNUS_A, MAGNUS_B, MAGNUS_C = 6.112, 17.62, 243.12
+#: The crossover estimate: a straight line through each station's last 90 minutes (at least
+#: 10 readings over 30 minutes). Said only when the lines' difference changes by 5 standard
+#: errors of its slope and by twice the scatter around them over the time fitted, the
+#: crossing's own standard error is at most 4 minutes, and it is no further ahead than
+#: half the time fitted: beyond that a curving evening throws a straight line off.
+CROSSOVER_FIT_MS = 90 * 60_000
+CROSSOVER_MIN_POINTS, CROSSOVER_MIN_SPAN_MS = 10, 30 * 60_000
+CROSSOVER_T, CROSSOVER_CHANGE, CROSSOVER_SE_MS = 5.0, 2.0, 4 * 60_000
 
 
 class View:
-    """How the page shows values: unit, time zone, dead band."""
+    """How the page shows values (unit, time zone) and what the advice aims for (comfort band, limits)."""
 
-    def __init__(self, unit="F", tz=None, dead_band_c=DEAD_BAND_C):
+    def __init__(self, unit="F", tz=None, dead_band_c=DEAD_BAND_C, comfort=COMFORT_C, max_dew_point=MAX_DEW_POINT_C):
         self.unit = unit
         self.tz = tz  # a tzinfo, or None for the server's local zone
         self.dead_band_c = dead_band_c
+        self.comfort = comfort
+        self.max_dew_point = max_dew_point
 
     def temperature(self, celsius):
         return celsius * 9 / 5 + 32 if self.unit == "F" else celsius
@@ -1061,16 +1323,21 @@ class View:
         return abs(celsius_difference) * (9 / 5 if self.unit == "F" else 1)
 
     def show(self, field, value):
-        """A stored value as text in the page's unit."""
-        if field == 1:
+        """A value in its field's base unit (°C for a temperature) as text in the page's unit; field: a number or a Field."""
+        unit = (field if isinstance(field, Field) else Field(field)).base_unit
+        if unit == "°C":
             return "%.1f\u00a0°%s" % (self.temperature(value), self.unit)
-        unit = FIELDS.get(field, ("", ""))[1]
         text = ("%.1f" % value) if abs(value) < 10_000 else ("%.0f" % value)
         return text + ("\u00a0" + unit if unit else "")
 
     def local(self, ms):
         stamp = datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc)
         return stamp.astimezone(self.tz) if self.tz else stamp.astimezone()
+
+    def midnight(self, date):
+        """Epoch ms of the local midnight that starts ``date``."""
+        stamp = datetime.datetime.combine(date, datetime.time())
+        return int((stamp.replace(tzinfo=self.tz) if self.tz else stamp.astimezone()).timestamp() * 1000)
 
     def day_start(self, ms):
         """Local midnight of the day ``ms`` falls on, in epoch ms."""
@@ -1103,52 +1370,276 @@ def is_offline(station, now):
     return now - station["last_seen"] > limit
 
 
-def advise(indoor, outdoor, history, view, now):
-    """The headline: (kind, text), kind being open, close, same or unknown.
+def humid_air(celsius, rh):
+    """(dew point °C, absolute humidity g/m³) by the Magnus formula, or None outside its range."""
+    if not (0 < rh <= 100 and -45 <= celsius <= 60):
+        return None
+    vapour = rh / 100 * MAGNUS_A * math.exp(MAGNUS_B * celsius / (MAGNUS_C + celsius))  # hPa
+    ratio = math.log(vapour / MAGNUS_A)
+    return MAGNUS_C * ratio / (MAGNUS_B - ratio), 216.7 * vapour / (273.15 + celsius)
 
-    Hysteresis: the advice flips only when outside is ``dead_band_c`` cooler or
-    warmer than inside; in between it keeps what the last 24 hours said.
+
+def station_air(station):
+    """A station's dew point and absolute humidity from its latest temperature and humidity (taken within 3 minutes)."""
+    fields = station["fields"]
+    if (1 not in fields or 3 not in fields or abs(fields[1]["ts"] - fields[3]["ts"]) > OFFLINE_MIN_MS
+            or fields[1].get("implausible") or fields[3].get("implausible")):
+        return None
+    return humid_air(fields[1]["value"], fields[3]["value"])
+
+
+#: One moment of the comparison: both stations' latest values at ``ms`` (humidity may be None).
+Sample = collections.namedtuple("Sample", "ms inside outside rh_inside rh_outside")
+
+
+def samples(inside, rh_inside, outside, rh_outside, after=-1):
+    """Both stations' readings [(ms, value)] merged in time, each value carried forward: [Sample], one per moment.
+
+    Only the moments after ``after``, and always the latest (if both have a temperature).
+    """
+    merged = sorted((ms, which, value) for which, series in enumerate((inside, rh_inside, outside, rh_outside))
+                    for ms, value in series)
+    latest, out = [None] * 4, []
+    for i, (ms, which, value) in enumerate(merged):
+        latest[which] = value
+        if latest[0] is None or latest[2] is None or ms <= after and i < len(merged) - 1:
+            continue
+        if out and out[-1].ms == ms:
+            out.pop()
+        out.append(Sample(ms, latest[0], latest[2], latest[1], latest[3]))
+    return out
+
+
+class Advice:
+    """What advise() decided: the action (open, close, unknown) and how to say it."""
+
+    __slots__ = ("action", "headline", "reason", "since", "crossover", "outlook", "inside", "outside")
+
+    def __init__(self, action, headline, reason="", since=None, crossover=None, outlook="", inside=None, outside=None):
+        self.action, self.headline, self.reason, self.since = action, headline, reason, since
+        self.crossover, self.outlook = crossover, outlook  # ms outside is expected to cross inside, and the words
+        self.inside, self.outside = inside, outside  # {"temperature", "humidity", "dew_point", "absolute_humidity"}
+
+
+def _judge(memory, s, view):
+    """Fold one sample into the hysteresis memory; return (action, why) for it."""
+    band, (low, high), diff = view.dead_band_c, view.comfort, s.outside - s.inside
+    if diff <= -band:
+        memory["side"] = "cooler"
+    elif diff >= band:
+        memory["side"] = "warmer"
+    zone = memory.get("zone")
+    if s.inside > high or zone == "warm" and s.inside > high - band:
+        zone = "warm"
+    elif s.inside < low or zone == "cool" and s.inside < low + band:
+        zone = "cool"
+    else:
+        zone = "comfortable"
+    memory["zone"] = zone
+    inside = humid_air(s.inside, s.rh_inside) if s.rh_inside is not None else None
+    outside = humid_air(s.outside, s.rh_outside) if s.rh_outside is not None else None
+    limit = view.max_dew_point
+    memory["muggy"] = bool(outside) and (outside[0] > limit or memory.get("muggy") and outside[0] > limit - band)
+    humid = drier = False
+    if inside and outside:
+        humid = s.rh_inside >= HUMID_RH or memory.get("humid") and s.rh_inside > HUMID_RH - HUMID_RH_HYSTERESIS
+        share = outside[1] / inside[1]
+        drier = share <= DRIER_SHARE or memory.get("drier") and share < DRIER_SHARE_OFF
+    memory["humid"], memory["drier"] = bool(humid), bool(drier)
+    side = memory.get("side")
+    helps = zone == "warm" and side == "cooler" or zone == "cool" and side == "warmer"
+    if helps and not memory["muggy"]:
+        return "open", zone
+    if humid and drier:
+        return "open", "air"
+    if helps:
+        return "close", "muggy"
+    if zone == "comfortable":
+        return "close", "comfortable"
+    return "close", "unclear" if side is None else "already"
+
+
+def _words(why, memory, s, view):
+    """The headline and the reason for a verdict of _judge on the latest sample."""
+    diff, band = s.outside - s.inside, view.dead_band_c
+    size = "%.1f\u00a0°%s" % (view.degrees(diff), view.unit)
+    about = "outside is about the same (%s %s)" % (size, "cooler" if diff < 0 else "warmer")
+    comfort = "%s–%s" % tuple(view.show(1, c).split("\u00a0")[0] for c in view.comfort) + "\u00a0°" + view.unit
+    if why in ("warm", "cool"):
+        way = "cooler" if why == "warm" else "warmer"
+        clear = diff <= -band if why == "warm" else diff >= band
+        headline = ("Open the windows — outside is %s %s" % (size, way) if clear
+                    else "Windows can stay open — " + about)
+        low, high = view.comfort
+        if low <= s.inside <= high:  # held by the hysteresis: a little further, or it flips straight back
+            where = "still at the %s of" % ("top" if why == "warm" else "bottom")
+        else:
+            where = "above" if why == "warm" else "below"
+        return headline, "Inside is %s the comfort band (%s): let the %s air in." % (where, comfort, way)
+    if why == "air":
+        inside, outside = humid_air(s.inside, s.rh_inside), humid_air(s.outside, s.rh_outside)
+        return ("Open for a few minutes: outside air is drier",
+                "Inside is humid (%.0f\u00a0%%); a cubic metre of outside air holds %.1f\u00a0g of water, "
+                "inside air %.1f\u00a0g." % (s.rh_inside, outside[1], inside[1]))
+    if why == "muggy":
+        dew = humid_air(s.outside, s.rh_outside)[0]
+        return ("Keep the windows closed — %s outside, but muggy: dew point %s" % (
+                    "cooler" if memory["zone"] == "warm" else "warmer", view.show(1, dew)),
+                "Air with a dew point above %s feels sticky and would bring damp into the house."
+                % view.show(1, view.max_dew_point))
+    if why == "comfortable":
+        return ("Keep the windows closed — inside is comfortable",
+                "Inside %s is within the comfort band (%s)." % (view.show(1, s.inside), comfort))
+    if why == "already":
+        warmer = memory["side"] == "warmer"
+        if diff >= band if warmer else diff <= -band:
+            return ("Keep the windows closed — outside is %s %s" % (size, "warmer" if warmer else "colder"),
+                    "Outside is warmer and the house is already warm." if warmer
+                    else "Outside is colder and the house is already cool.")
+        return ("Keep the windows closed — " + about, "Outside is not clearly %s yet, and the house is %s." % (
+            ("cooler", "warm") if warmer else ("warmer", "cool")))
+    return ("Keep the windows closed — " + about,
+            "Inside is %s the comfort band, but outside is not clearly %s yet." % (
+                ("above", "cooler") if memory["zone"] == "warm" else ("below", "warmer")))
+
+
+def _line(points, now):
+    """A least-squares line through [(ms, °C)]: (value now, slope, residual variance, n, mean x, Sxx), x in minutes."""
+    n = len(points)
+    mx, my = sum(ms for ms, _ in points) / n, sum(v for _, v in points) / n
+    sxx = sxy = syy = 0.0
+    for ms, v in points:
+        dx, dy = ms - mx, v - my
+        sxx, sxy, syy = sxx + dx * dx, sxy + dx * dy, syy + dy * dy
+    sxx /= 60_000 ** 2  # in minutes
+    slope = sxy / 60_000 / sxx
+    residual = max(0.0, syy - slope * sxy / 60_000) / (n - 2)
+    return my - slope * (mx - now) / 60_000, slope, residual, n, (mx - now) / 60_000, sxx
+
+
+def crossover(inside, outside, now):
+    """When outside is expected to cross inside: (ms, "cooler" or "warmer"), or None when the trend is unclear.
+
+    A least-squares line through each station's readings [(ms, °C)] of the last
+    CROSSOVER_FIT_MS; their difference is trusted only as far as the CROSSOVER_* limits say.
+    """
+    lines = []
+    for series in (inside, outside):
+        points = [(ms, v) for ms, v in series if ms >= now - CROSSOVER_FIT_MS]
+        if len(points) < CROSSOVER_MIN_POINTS or points[-1][0] - points[0][0] < CROSSOVER_MIN_SPAN_MS:
+            return None
+        lines.append(_line(points, now))
+    (level_in, slope_in, var_in, n_in, mx_in, sxx_in), (level_out, slope_out, var_out, n_out, mx_out, sxx_out) = lines
+    level, slope = level_out - level_in, slope_out - slope_in  # the difference now, and per minute
+    span = min(inside[-1][0], outside[-1][0]) - max(now - CROSSOVER_FIT_MS, min(inside[0][0], outside[0][0]))
+    if not slope or abs(slope) < CROSSOVER_T * math.sqrt(var_in / sxx_in + var_out / sxx_out):
+        return None  # no trend beyond the noise
+    if abs(slope) * span / 60_000 < CROSSOVER_CHANGE * math.sqrt(var_in + var_out):
+        return None  # a trend, but small beside the scatter around it
+    ahead = -level / slope  # minutes
+    latest = outside[-1][1] - inside[-1][1]
+    if latest * level <= 0 or not 0 < ahead * 60_000 <= span / 2:
+        return None  # crossed already, going the other way, or too far ahead to trust a line
+    spread = (var_in * (1 / n_in + (ahead - mx_in) ** 2 / sxx_in)
+              + var_out * (1 / n_out + (ahead - mx_out) ** 2 / sxx_out))
+    if math.sqrt(spread) / abs(slope) * 60_000 > CROSSOVER_SE_MS:
+        return None
+    return now + round(ahead * 60_000), "cooler" if slope < 0 else "warmer"
+
+
+def _conditions(station, s, inside):
+    """What the advice used of one station, in °C: for the JSON and the page."""
+    celsius, rh = (s.inside, s.rh_inside) if inside else (s.outside, s.rh_outside)
+    air = humid_air(celsius, rh) if rh is not None else None
+    return {"mac": station["mac"], "name": station["name"], "temperature": celsius, "humidity": rh,
+            "dew_point": air and air[0], "absolute_humidity": air and air[1]}
+
+
+def advise(indoor, outdoor, series, view, now, memory=None):
+    """The window advice: whether to open, why, and when outside will cross inside.
+
+    ``series`` are the last ADVICE_MEMORY_MS of inside temperature, inside humidity,
+    outside temperature and outside humidity, each [(ms, value)], oldest first. ``memory`` (a dict
+    the caller keeps) carries the hysteresis from one call to the next: the state after
+    the last sample both stations have reported past ("upto"), from which the newer
+    samples are replayed on every call. So the advice holds near a threshold however
+    often it is asked, a station's late readings still count, and "since" says when the
+    action last changed.
     """
     for role, station in (("outdoor", outdoor), ("indoor", indoor)):
         if station is None:
-            return "unknown", "Can't compare yet: no station is marked %s" % role
+            return Advice("unknown", "Can't compare yet: no station is marked %s" % role,
+                          "Mark them on the server: python3 iotserver.py --role MAC outdoor and --role MAC indoor")
     for role, station in (("Outside", outdoor), ("Inside", indoor)):
         if 1 not in station["fields"]:
-            return "unknown", "Can't compare yet: %s station %s has sent no temperature" % (
-                role.lower(), station["name"])
+            return Advice("unknown", "Can't compare yet: %s station %s has sent no temperature" % (
+                role.lower(), station["name"]), "The advice needs field 1, the temperature in °C.")
+        if station["fields"][1]["implausible"]:
+            return Advice("unknown", "Can't compare: %s station %s sends an implausible temperature" % (
+                role.lower(), station["name"]), "Check the sensor, or tell the server its unit (--field).")
         if is_offline(station, now):
-            return "unknown", "Can't compare: %s station %s is offline (last seen %s)" % (
-                role.lower(), station["name"], ago(now - station["last_seen"]))
-    band = view.dead_band_c
-    diff = outdoor["fields"][1]["value"] - indoor["fields"][1]["value"]
-    state = None
-    for past in history[:-1] + [diff]:
-        if past <= -band:
-            state = "open"
-        elif past >= band:
-            state = "close"
-    size = "%.1f\u00a0°%s" % (view.degrees(diff), view.unit)
-    way = "cooler" if diff < 0 else "warmer"
-    if state == "open":
-        if diff <= -band:
-            return "open", "Open the windows — outside is %s cooler" % size
-        return "open", "Windows can stay open — outside is about the same (%s %s)" % (size, way)
-    if state == "close":
-        if diff >= band:
-            return "close", "Keep the windows closed — outside is %s warmer" % size
-        return "close", "Keep the windows closed — outside is about the same (%s %s)" % (size, way)
-    return "same", "Inside and outside are about the same (%s %s outside)" % (size, way)
+            return Advice("unknown", "Can't compare: %s station %s is offline (last seen %s)" % (
+                role.lower(), station["name"], ago(now - station["last_seen"])),
+                "The advice resumes when it posts again.")
+    memory = {} if memory is None else memory
+    pair = [indoor["id"], outdoor["id"]]
+    if memory.get("pair") != pair or memory.get("upto", 0) < now - ADVICE_MEMORY_MS:
+        memory.clear()  # other stations, or a memory too old to hold on to
+        memory.update(pair=pair, upto=0, state={})
+    history = samples(*series, after=memory["upto"])
+    if not history:
+        return Advice("unknown", "Can't compare: no temperatures from both stations in the last 2 hours",
+                      "The advice resumes when both post a temperature.")
+    settled = min(indoor["fields"][1]["ts"], outdoor["fields"][1]["ts"])  # no reading older than this is to come
+    state = dict(memory["state"])
+    for s in history:
+        if s.ms > memory["upto"]:
+            action, state["why"] = _judge(state, s, view)
+            if action != state.get("action"):
+                state["action"], state["since"] = action, s.ms
+            if s.ms <= settled:
+                memory["state"], memory["upto"] = dict(state), s.ms
+    latest = history[-1]
+    if "why" not in state:  # nothing newer than the memory: readings were deleted since
+        state["action"], state["why"] = _judge(state, latest, view)
+        state["since"] = latest.ms
+    headline, reason = _words(state["why"], state, latest, view)
+    cross = crossover(series[0], series[2], now)
+    outlook = ""
+    if cross:
+        rounded = (cross[0] + 150_000) // 300_000 * 300_000
+        outlook = "Outside should be %s than inside around %s." % (cross[1], view.local(rounded).strftime("%H:%M"))
+    return Advice(state["action"], headline, reason, state["since"], cross and cross[0], outlook,
+                  _conditions(indoor, latest, True), _conditions(outdoor, latest, False))
 
 
-def _differences(inside, outside):
-    """Outside minus inside at every reading of either, oldest first, from [(ms, °C)] lists."""
-    merged = sorted([(ms, 0, v) for ms, v in inside] + [(ms, 1, v) for ms, v in outside])
-    latest, out = [None, None], []
-    for _, which, value in merged:
-        latest[which] = value
-        if None not in latest:
-            out.append(latest[1] - latest[0])
-    return out
+class Advisor:
+    """The advice over time, for the page, /api/advice and the notifications alike.
+
+    Holds advise()'s memory between calls (one lock: calls from the page and the
+    background check are folded in one at a time).
+    """
+
+    def __init__(self, view, memory=None):
+        self.view = view
+        self.memory = dict(memory or {})
+        self.lock = threading.Lock()
+
+    def evaluate(self, snap, by_role, now):
+        """The advice from a read snapshot and the stations by role (filled by Snapshot.latest)."""
+        indoor, outdoor = by_role.get("indoor"), by_role.get("outdoor")
+        series = [[]] * 4
+        if indoor and outdoor:
+            series = [snap.values(s["id"], field, now - ADVICE_MEMORY_MS, ADVICE_MEMORY_READINGS)
+                      for s in (indoor, outdoor) for field in (1, 3)]
+        with self.lock:
+            return advise(indoor, outdoor, series, self.view, now, self.memory)
+
+    def current(self, store, now):
+        """(advice, stations by role) read in a snapshot of their own."""
+        with store.snapshot() as snap:
+            by_role = {s["role"]: snap.latest(s) for s in snap.stations if s["role"]}
+            return self.evaluate(snap, by_role, now), by_role
 
 
 ###############################################################################
@@ -1159,6 +1650,14 @@ def _differences(inside, outside):
 #: The chart: last 24 hours, averaged into 10-minute buckets (at most 145 points a line).
 CHART_MS = 24 * 3_600_000
 CHART_BUCKET_MS = 10 * 60_000
+#: The chart's ranges (?range=): link text, title, span and bucket. A day is drawn from the
+#: readings, longer ranges from the rollups (an hour, 6 hours, a day a point).
+RANGES = {"24h": ("24 h", "Last 24 hours", CHART_MS, CHART_BUCKET_MS),
+          "7d": ("7 d", "Last 7 days", 7 * DAY_MS, HOUR_MS),
+          "30d": ("30 d", "Last 30 days", 30 * DAY_MS, 6 * HOUR_MS),
+          "1y": ("1 y", "Last year", 365 * DAY_MS, DAY_MS)}
+#: Colours of the chart lines of stations without a role, in card order (then again).
+LINE_COLOURS = 8
 #: Station cards on the page at most (the compared ones and the most recently heard).
 MAX_CARDS = 24
 
@@ -1169,56 +1668,93 @@ def _nice_step(span, ticks=4):
     return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
 
 
-def render_chart(lines, view, now):
-    """Inline SVG of temperature lines (label, css class, [(ms, °C)]) over the last 24 h."""
+def _time_ticks(view, start, now, range_name):
+    """Where the time axis is labelled: [(ms, text)]: every 6 hours (midnight by its date) on a
+    day, days on a week, Mondays on a month, the first of each month (January by its year) on a year."""
+    if range_name == "24h":
+        ticks = []
+        # looked for every quarter hour: zones are offset by whole, half and quarter hours
+        # (Asia/Kathmandu +5:45, Australia/Eucla +8:45)
+        tick = (start // 900_000 + 1) * 900_000
+        while tick <= now:
+            local = view.local(tick)
+            if local.minute == 0 and local.hour % 6 == 0:
+                ticks.append((tick, local.strftime("%H:%M") if local.hour else "%s %d" % (local.strftime("%a"), local.day)))
+            tick += 900_000
+        return ticks
+    first = view.local(start).date()
+    dates = [first + datetime.timedelta(days=i) for i in range(1, (view.local(now).date() - first).days + 1)]
+    if range_name == "7d":
+        return [(view.midnight(d), "%s %d" % (d.strftime("%a"), d.day)) for d in dates]
+    if range_name == "30d":
+        return [(view.midnight(d), "%s %d" % (d.strftime("%b"), d.day)) for d in dates if d.weekday() == 0]
+    return [(view.midnight(d), str(d.year) if d.month == 1 else d.strftime("%b")) for d in dates if d.day == 1]
+
+
+def _runs(data, bucket_ms):
+    """Points split where the line has a gap (over three buckets without a reading): no line across it."""
+    runs = []
+    for point in data:
+        if not runs or point[0] - runs[-1][-1][0] > 3 * bucket_ms:
+            runs.append([])
+        runs[-1].append(point)
+    return runs
+
+
+def render_chart(lines, view, now, range_name="24h", field=None):
+    """Inline SVG of lines (label, css class, [(ms, min, mean, max, count)]) over one of RANGES.
+
+    Values are in ``field``'s base unit (default: a temperature in °C); ranges longer than a
+    day draw each line's min–max band behind it.
+    """
+    title, span, bucket = RANGES[range_name][1:]
+    field = field or Field(1)
+    convert, unit = ((view.temperature, "°" + view.unit) if field.base_unit == "°C" else
+                     ((lambda v: v), field.base_unit))
     width, height, left, right, top, bottom = 360, 210, 38, 8, 22, 26
-    start = now - CHART_MS
-    points = [(ms, view.temperature(c)) for _, _, data in lines for ms, c in data]
+    start = now - span
+    band = span > DAY_MS
+    points = [convert(v) for _, _, data in lines for _, low, mean, high, _ in data
+              for v in ((low, high) if band else (mean,))]
     if not points:
-        return '<p class="muted">No temperatures in the last 24 hours.</p>'
-    low, high = min(v for _, v in points), max(v for _, v in points)
+        return '<p class="muted">No %s in the %s.</p>' % (html.escape(field.name.lower()), title[0].lower() + title[1:])
+    low, high = min(points), max(points)
     step = _nice_step(max(high - low, 1.0))
     low, high = math.floor(low / step) * step, math.ceil(high / step) * step
     if high - low < step:
         high = low + step
 
-    def x(ms):
-        return left + (ms - start) / CHART_MS * (width - left - right)
+    def x(ms):  # a bucket is drawn at its middle, inside the chart
+        return left + (min(max(ms + bucket / 2, start), now) - start) / span * (width - left - right)
 
     def y(v):
-        return top + (high - v) / (high - low) * (height - top - bottom)
+        return top + (high - convert(v)) / (high - low) * (height - top - bottom)
 
-    out = ['<svg class="chart" viewBox="0 0 %d %d" role="img" aria-label="Temperature in °%s, last 24 hours">'
-           % (width, height, view.unit)]
+    out = ['<svg class="chart" viewBox="0 0 %d %d" role="img" aria-label="%s in %s, %s">'
+           % (width, height, html.escape(field.name), html.escape(unit), title.lower())]
     value = low
     while value <= high + step / 2:
+        level = top + (high - value) / (high - low) * (height - top - bottom)
         out.append('<line class="grid" x1="%d" x2="%d" y1="%.1f" y2="%.1f"/>'
                    '<text class="tick" x="%d" y="%.1f" text-anchor="end">%s</text>'
-                   % (left, width - right, y(value), y(value), left - 4, y(value) + 3.5, "%g" % round(value, 2)))
+                   % (left, width - right, level, level, left - 4, level + 3.5, "%g" % round(value, 2)))
         value += step
-    out.append('<text class="tick" x="%d" y="10" text-anchor="end">°%s</text>' % (left - 4, view.unit))
-    # a tick at every local hour divisible by 6, looked for every quarter hour: zones are offset
-    # by whole, half and quarter hours (Asia/Kathmandu +5:45, Australia/Eucla +8:45)
-    tick = (start // 900_000 + 1) * 900_000
-    while tick <= now:
-        local = view.local(tick)
-        if local.minute == 0 and local.hour % 6 == 0:
-            out.append('<line class="grid" x1="%.1f" x2="%.1f" y1="%d" y2="%d"/>'
-                       '<text class="tick" x="%.1f" y="%d" text-anchor="middle">%s</text>'
-                       % (x(tick), x(tick), top, height - bottom, x(tick), height - bottom + 13,
-                          local.strftime("%H:%M")))
-        tick += 900_000
+    out.append('<text class="tick" x="%d" y="10" text-anchor="end">%s</text>' % (left - 4, html.escape(unit)))
+    for tick, text in _time_ticks(view, start, now, range_name):
+        at = left + (tick - start) / span * (width - left - right)
+        out.append('<line class="grid" x1="%.1f" x2="%.1f" y1="%d" y2="%d"/>'
+                   '<text class="tick" x="%.1f" y="%d" text-anchor="middle">%s</text>'
+                   % (at, at, top, height - bottom, at, height - bottom + 13, text))
     zone = view.local(now).tzname() or ""
     out.append('<text class="tick" x="%d" y="%d" text-anchor="end">time (%s)</text>'
                % (width - right, height - 2, html.escape(zone)))
     for _, css, data in lines:
-        run = []
-        for i, (ms, c) in enumerate(data):
-            if run and ms - data[i - 1][0] > 3 * CHART_BUCKET_MS:  # a gap: do not draw across it
-                out.append(_polyline(run, css))
-                run = []
-            run.append("%.1f,%.1f" % (x(ms + CHART_BUCKET_MS / 2), y(view.temperature(c))))
-        out.append(_polyline(run, css))
+        for run in _runs(data, bucket):
+            if band:
+                edge = ["%.1f,%.1f" % (x(p[0]), y(p[3])) for p in run] + \
+                       ["%.1f,%.1f" % (x(p[0]), y(p[1])) for p in reversed(run)]
+                out.append('<polygon class="band %s" points="%s"/>' % (css, " ".join(edge)))
+            out.append(_polyline(["%.1f,%.1f" % (x(p[0]), y(p[2])) for p in run], css))
     out.append("</svg>")
     return "".join(out)
 
@@ -1256,10 +1792,14 @@ dt{color:var(--muted);font-size:.9rem}dd{margin:0}
 .panel{margin-top:16px}.panel h2{margin:0 0 8px;font-size:1rem}
 .chart{width:100%;max-width:720px;height:auto;display:block;margin:0 auto}
 .grid{stroke:var(--line);stroke-width:1}.tick{fill:var(--muted);font-size:10px}
-.line{fill:none;stroke-width:2.2;stroke-linejoin:round}.line.outdoor{stroke:var(--out)}.line.indoor{stroke:var(--in)}
-circle.line.outdoor{fill:var(--out)}circle.line.indoor{fill:var(--in)}
-.line.other0{stroke:#8e44ad}.line.other1{stroke:#16a085}.line.other2{stroke:#7f8c8d}
-.legend{font-size:.85rem;color:var(--muted)}.legend b{font-weight:600}.k-outdoor{color:var(--out)}.k-indoor{color:var(--in)}
+.outdoor{--c:var(--out)}.indoor{--c:var(--in)}.c0{--c:#8e44ad}.c1{--c:#16a085}.c2{--c:#c2185b}.c3{--c:#7cb342}
+.c4{--c:#8d6e63}.c5{--c:#0097a7}.c6{--c:#e0a800}.c7{--c:#5c6bc0}
+.line{fill:none;stroke:var(--c);stroke-width:2.2;stroke-linejoin:round}circle.line{fill:var(--c)}
+.band{fill:var(--c);stroke:none;opacity:.18}
+.legend{font-size:.85rem;color:var(--muted)}.legend b{font-weight:600;color:var(--c)}
+.ranges{display:flex;gap:6px;margin:16px 0 0}.ranges a{padding:4px 12px;border:1px solid var(--line);border-radius:999px;
+color:var(--fg);text-decoration:none;background:var(--card)}.ranges a[aria-current]{background:var(--fg);color:var(--bg)}
+.card h2 a{color:inherit;text-decoration:none}.back{margin:0 0 12px}.implausible{display:block;font-size:.8rem}
 code{font-size:.85rem}.url{overflow-wrap:anywhere}.word{white-space:nowrap}
 footer{color:var(--muted);font-size:.8rem;margin-top:16px;text-align:center}
 """
@@ -1299,22 +1839,24 @@ $main
 """)
 
 
-def _gather(store, view, now):
-    """What the page shows, read in one snapshot: (stations, by role, chart lines, advice history)."""
+def _gather(store, view, now, advisor, range_name="24h"):
+    """What the page shows, read in one snapshot: (stations, by role, chart lines, advice).
+
+    Values are in °C (a station posting °F is converted), each flagged when implausible;
+    the chart has a line for every station that sends a temperature, in card order.
+    """
+    span, bucket = RANGES[range_name][2:]
     with store.snapshot() as snap:
         stations = [snap.latest(s, view.day_start(now)) for s in snap.stations]
         by_role = {s["role"]: s for s in stations if s["role"]}
-        charted = [s for s in stations if s["role"]] or stations[:3]
-        lines, others = [], 0
-        for s in charted:
-            css = s["role"] or "other%d" % others
-            others += not s["role"]
-            lines.append((s, css, snap.series(s["id"], 1, now - CHART_MS, CHART_BUCKET_MS, now)))
-        history = []
-        if "indoor" in by_role and "outdoor" in by_role:
-            history = _differences(*(snap.values(by_role[role]["id"], 1, now - ADVICE_MEMORY_MS,
-                                                 ADVICE_MEMORY_READINGS) for role in ("indoor", "outdoor")))
-    return stations, by_role, lines, history
+        lines = []
+        for s in stations[:MAX_CARDS]:
+            number = next((n for n, f in sorted(s["fields"].items()) if f["field"].base_unit == "°C"), None)
+            if number is not None:
+                css = s["role"] or "c%d" % (sum(not line[0]["role"] for line in lines) % LINE_COLOURS)
+                lines.append((s, css, snap.series(s["id"], number, now - span, bucket, now)))
+        advice = advisor.evaluate(snap, by_role, now)
+    return stations, by_role, lines, advice
 
 
 def _command(text):
@@ -1334,17 +1876,21 @@ def _empty_state(base_url):
                _command("python3 iotserver.py --show-key")))
 
 
-def _headline(by_role, history, view, now):
-    """The advice as the page's headline, with the two temperatures or what to do next."""
-    kind, text = advise(by_role.get("indoor"), by_role.get("outdoor"), history, view, now)
-    detail = ""
-    if kind != "unknown":
-        detail = "<p>Outside %s · inside %s</p>" % (
-            view.show(1, by_role["outdoor"]["fields"][1]["value"]), view.show(1, by_role["indoor"]["fields"][1]["value"]))
-    elif "marked" in text:
-        detail = "<p>Mark them on the server: %s and %s</p>" % (
+def _headline(advice, view):
+    """The advice as the page's headline: what to do, why, the values it used, what comes next."""
+    reason = html.escape(advice.reason)
+    if advice.action == "unknown" and "marked" in advice.headline:
+        reason = "Mark them on the server: %s and %s" % (
             _command("python3 iotserver.py --role MAC outdoor"), _command("--role MAC indoor"))
-    return '<section class="headline %s" id="headline"><h1>%s</h1>%s</section>' % (kind, html.escape(text), detail)
+    parts = ["<h1>%s</h1>" % html.escape(advice.headline), "<p>%s</p>" % reason]
+    if advice.inside:
+        parts.append("<p>%s</p>" % " · ".join(
+            "%s %s%s" % (where, view.show(1, c["temperature"]),
+                         ", dew point %s" % view.show(1, c["dew_point"]) if c["dew_point"] is not None else "")
+            for where, c in (("Outside", advice.outside), ("inside", advice.inside))))
+    if advice.outlook:
+        parts.append('<p class="outlook">%s</p>' % html.escape(advice.outlook))
+    return '<section class="headline %s" id="headline">%s</section>' % (advice.action, "".join(parts))
 
 
 def _card(s, view, now):
@@ -1358,22 +1904,28 @@ def _card(s, view, now):
         seen = '<p class="seen"><span class="badge">Offline</span> · last seen %s</p>' % ago(now - s["last_seen"])
     else:
         seen = '<p class="seen">%s</p>' % ago(now - s["last_seen"])
-    rows = []
-    for field, f in sorted(s["fields"].items()):
-        label = FIELDS.get(field, ("Field %d" % field,))[0]
-        span = ""
+    rows, air = [], station_air(s)
+    for number, f in sorted(s["fields"].items()):
+        field, span = f["field"], ""
         if f["min"] is not None:
             span = '<span class="range">today %s – %s</span>' % (view.show(field, f["min"]), view.show(field, f["max"]))
+        if number == 3 and air:
+            span += ('<span class="range">dew point <b data-field="dew">%s</b></span>'
+                     '<span class="range">water %.1f\u00a0g/m³ of air</span>' % (view.show(1, air[0]), air[1]))
+        if f["implausible"]:  # stored, but no real air is like this: a wrong unit or a broken sensor
+            span += ('<span class="badge implausible">Implausible for a %s: check the sensor, or its unit '
+                     '(now %s; see --field)</span>' % (esc(field.name.lower()), esc(field.unit)))
         rows.append('<dt>%s</dt><dd><span class="value" data-field="%d">%s</span>%s</dd>'
-                    % (label, field, view.show(field, f["value"]), span))
+                    % (esc(field.name), number, view.show(field, f["value"]), span))
     mac = '<p class="mac">%s</p>' % esc(s["mac"]) if s["name"] != s["mac"] else ""
-    return ('<section class="card%s" data-mac="%s"><h2>%s%s</h2>%s%s<dl>%s</dl></section>'
-            % (" offline" if offline else "", esc(s["mac"]), esc(s["name"]), role, mac, seen, "".join(rows)))
+    return ('<section class="card%s" data-mac="%s"><h2><a href="/station/%s">%s</a>%s</h2>%s%s<dl>%s</dl></section>'
+            % (" offline" if offline else "", esc(s["mac"]), esc(s["mac"]), esc(s["name"]), role, mac, seen,
+               "".join(rows)))
 
 
 def _cards(stations, view, now):
-    """The compared stations first, then the most recently heard; a long tail is left to /api/latest."""
-    shown = sorted(stations, key=lambda s: (s["role"] is None, s["role"] != "outdoor", -(s["last_seen"] or 0)))
+    """The compared stations first, then the others by name (Snapshot's order); a long tail is left to /api/latest."""
+    shown = stations
     parts = ['<div class="cards">'] + [_card(s, view, now) for s in shown[:MAX_CARDS]] + ["</div>"]
     if len(shown) > MAX_CARDS:
         parts.append('<p class="muted">… and %d more stations: <a href="/api/latest">/api/latest</a> lists them all.</p>'
@@ -1381,36 +1933,67 @@ def _cards(stations, view, now):
     return parts
 
 
-def _chart_panel(lines, view, now):
-    """The 24-hour chart with a legend naming each line."""
-    legend = " · ".join('<b class="k-%s">━</b> %s' % (css, html.escape(s["name"])) for s, css, _ in lines)
-    return ('<section class="panel"><h2>Last 24 hours</h2>%s<p class="legend">%s</p></section>'
-            % (render_chart([(s["name"], css, data) for s, css, data in lines], view, now), legend))
+def _range_links(path, range_name):
+    """The range switch: plain links, so it works without JavaScript."""
+    return '<nav class="ranges">%s</nav>' % "".join(
+        '<a href="%s?range=%s"%s>%s</a>' % (path, name, ' aria-current="page"' if name == range_name else "", text)
+        for name, (text, _, _, _) in RANGES.items())
 
 
-def render_page(store, view, now, base_url, refresh, fragment=False):
-    """The page at /: headline, a card per station, the 24-hour chart. Returns (html, nonce).
+def _chart_panel(lines, view, now, range_name="24h", field=None, heading=None):
+    """A chart with a legend naming each line in its colour."""
+    legend = " · ".join('<b class="%s">━</b> %s' % (css, html.escape(s["name"])) for s, css, _ in lines)
+    return ('<section class="panel"><h2>%s</h2>%s<p class="legend">%s</p></section>'
+            % (html.escape(heading or RANGES[range_name][1]),
+               render_chart([(s["name"], css, data) for s, css, data in lines], view, now, range_name, field), legend))
 
-    With ``fragment``, only the title and <main>, which the open page swaps in.
-    """
-    stations, by_role, lines, history = _gather(store, view, now)
-    if any(s["fields"] for s in stations):
-        parts = [_headline(by_role, history, view, now)]
-    else:
-        parts = [_empty_state(base_url)]
-    parts += _cards(stations, view, now)
-    if stations:
-        parts.append(_chart_panel(lines, view, now))
-    outdoor = by_role.get("outdoor")
-    title = "iotserver"
-    if outdoor and 1 in outdoor["fields"] and not is_offline(outdoor, now):
-        title = "%s outside · iotserver" % view.show(1, outdoor["fields"][1]["value"])
+
+def _document(title, parts, view, now, refresh, fragment):
+    """A whole page around ``parts`` (or, with ``fragment``, the title and <main> the open page swaps in): (html, nonce)."""
     body = _MAIN.substitute(main="\n".join(parts), refresh=refresh, updated=view.local(now).strftime("%H:%M:%S"))
     nonce = secrets.token_urlsafe(16)
     if fragment:
         return ("<title>%s</title>\n%s" % (html.escape(title), body)).encode("utf-8"), nonce
     page = _PAGE.substitute(title=html.escape(title), nonce=nonce, refresh=refresh, css=_CSS, main=body, script=_SCRIPT)
     return page.encode("utf-8"), nonce
+
+
+def render_page(store, view, now, base_url, refresh, advisor, fragment=False, range_name="24h"):
+    """The page at /: headline, a card per station, the chart over ``range_name``. Returns (html, nonce).
+
+    With ``fragment``, only the title and <main>, which the open page swaps in.
+    """
+    stations, by_role, lines, advice = _gather(store, view, now, advisor, range_name)
+    if any(s["fields"] for s in stations):
+        parts = [_headline(advice, view)]
+    else:
+        parts = [_empty_state(base_url)]
+    parts += _cards(stations, view, now)
+    if stations:
+        parts += [_range_links("/", range_name), _chart_panel(lines, view, now, range_name)]
+    outdoor = by_role.get("outdoor")
+    title = "iotserver"
+    if outdoor and 1 in outdoor["fields"] and not is_offline(outdoor, now) and not outdoor["fields"][1]["implausible"]:
+        title = "%s outside · iotserver" % view.show(1, outdoor["fields"][1]["value"])
+    return _document(title, parts, view, now, refresh, fragment)
+
+
+def render_station(store, view, now, mac, refresh, fragment=False, range_name="24h"):
+    """The page of one station (/station/MAC): its card and a chart of each of its fields. Returns (html, nonce)."""
+    span, bucket = RANGES[range_name][2:]
+    with store.snapshot() as snap:
+        station = next((s for s in snap.stations if s["mac"] == mac), None)
+        if station is None:
+            raise HTTPError(HTTPStatus.NOT_FOUND, "no station with mac %s" % mac)
+        snap.latest(station, view.day_start(now))
+        charts = [(f["field"], snap.series(station["id"], n, now - span, bucket, now))
+                  for n, f in sorted(station["fields"].items())]
+    parts = ['<p class="back"><a href="/">← All stations</a></p>', _card(station, view, now),
+             _range_links("/station/" + mac, range_name)]
+    parts += [_chart_panel([(station, "c%d" % (i % LINE_COLOURS), data)], view, now, range_name, field,
+                           "%s, %s" % (field.name, RANGES[range_name][1][0].lower() + RANGES[range_name][1][1:]))
+              for i, (field, data) in enumerate(charts)]
+    return _document("%s · iotserver" % station["name"], parts, view, now, refresh, fragment)
 
 
 ###############################################################################
@@ -1497,8 +2080,9 @@ def render_latest(store, now):
         "mac": s["mac"], "name": s["name"], "role": s["role"],
         "last_seen": iso_ms(s["last_seen"]) if s["last_seen"] else None,
         "online": not is_offline(s, now),
-        "fields": {str(n): {"value": f["value"], "time": iso_ms(f["ts"]), "name": FIELDS.get(n, ("field%d" % n,))[0].lower(),
-                            "unit": FIELDS.get(n, ("", ""))[1]} for n, f in sorted(s["fields"].items())},
+        "fields": {str(n): {"value": f["posted"], "time": iso_ms(f["ts"]), "name": f["field"].key,
+                            "unit": f["field"].unit, "implausible": f["implausible"]}
+                   for n, f in sorted(s["fields"].items())},
     } for s in stations]
     # the same stations keyed by role and by name, each latest value under its field's name,
     # so one short path reaches a value (Home Assistant: value_json.by_role.outdoor.temperature)
@@ -1508,9 +2092,25 @@ def render_latest(store, now):
                   "by_role": {s["role"]: s for s in flat if s["role"]}, "by_name": {s["name"]: s for s in flat}})
 
 
-def parse_readings_query(query, now):
-    """The parameters of /api/readings: mac, field, since, until, limit, format."""
-    allowed = ("mac", "field", "since", "until", "limit", "format", "key")
+def render_advice(advisor, store, now):
+    """/api/advice: the advice the page shows, with the values (°C) it used."""
+    advice = advisor.current(store, now)[0]
+    view = advisor.view
+    used = {}
+    for where, values in (("inside", advice.inside), ("outside", advice.outside)):
+        used[where] = values and dict(values)
+        for name in ("dew_point", "absolute_humidity"):
+            if values and values[name] is not None:
+                used[where][name] = round(values[name], 2)
+    return _json(dict({
+        "generated": iso_ms(now), "action": advice.action, "headline": advice.headline, "reason": advice.reason,
+        "since": iso_utc(advice.since) if advice.since is not None else None,
+        "crossover": iso_utc(advice.crossover) if advice.crossover else None, "outlook": advice.outlook or None,
+        "comfort": list(view.comfort), "dead_band": view.dead_band_c, "max_dew_point": view.max_dew_point}, **used))
+
+
+def _api_params(query, allowed):
+    """A read API's query string as {name: value}: each of ``allowed`` (the last being "key") once at most."""
     params = {}
     for name, value in parse_query(query, len(allowed) + 1):
         if name not in allowed:
@@ -1518,7 +2118,11 @@ def parse_readings_query(query, now):
         if name in params:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "%s is given twice" % name)
         params[name] = value
-    out = {"mac": None, "field": None, "format": params.get("format", "json")}
+    return params
+
+
+def _api_station(params, out):
+    """Check the mac and field parameters into ``out``."""
     if "mac" in params:
         try:
             out["mac"] = parse_mac(params["mac"])
@@ -1528,6 +2132,13 @@ def parse_readings_query(query, now):
         if not _FIELD_RE.fullmatch(params["field"]):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "field must be a whole number from 1 to 8")
         out["field"] = int(params["field"])
+    return out
+
+
+def parse_readings_query(query, now):
+    """The parameters of /api/readings: mac, field, since, until, limit, format."""
+    params = _api_params(query, ("mac", "field", "since", "until", "limit", "format", "key"))
+    out = _api_station(params, {"mac": None, "field": None, "format": params.get("format", "json")})
     out["until"] = parse_time("until", params["until"]) if "until" in params else now + 1
     out["since"] = parse_time("since", params["since"]) if "since" in params else out["until"] - CHART_MS
     if out["since"] >= out["until"]:
@@ -1575,14 +2186,42 @@ def render_readings(store, query):
             raise HTTPError(HTTPStatus.NOT_FOUND, "no station with mac %s" % query["mac"])
         batches = snap.readings(ids, query["field"], query["since"], query["until"], query["limit"]) if ids else []
         if query["format"] == "csv":
-            yield from _csv_chunks(("time", "mac", "name", "field", "value"), (
-                [(iso_ms(ts), mac, _csv_cell(name), field, repr(value)) for ts, _, mac, name, field, value in rows]
-                for rows in batches), "\r\n")
+            yield from _csv_chunks(("time", "mac", "name", "field", "value", "unit"), (
+                [(iso_ms(ts), mac, _csv_cell(name), field, repr(value), _csv_cell(unit))
+                 for ts, mac, name, field, value, unit in rows] for rows in batches), "\r\n")
         else:
             yield from _json_array(
-                [{"time": iso_ms(ts), "mac": mac, "name": name, "field": field, "value": value}
-                 for ts, _, mac, name, field, value in rows] for rows in batches)
+                [{"time": iso_ms(ts), "mac": mac, "name": name, "field": field, "value": value, "unit": unit}
+                 for ts, mac, name, field, value, unit in rows] for rows in batches)
             yield b"\n"
+
+
+def parse_series_query(query):
+    """The parameters of /api/series: mac (needed), field (1), range (24h)."""
+    params = _api_params(query, ("mac", "field", "range", "key"))
+    if "mac" not in params:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "mac is missing: the station's MAC, e.g. mac=6c:ef:7a:3b:9d:e8")
+    out = _api_station(params, {"field": 1, "range": params.get("range", "24h")})
+    if out["range"] not in RANGES:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "range must be %s" % ", ".join(RANGES))
+    return out
+
+
+def render_series(store, view, query, now):
+    """/api/series: what a chart draws, per bucket min, mean, max and count, in the chart's unit."""
+    span, bucket = RANGES[query["range"]][2:]
+    with store.snapshot() as snap:
+        station = next((s for s in snap.stations if s["mac"] == query["mac"]), None)
+        if station is None:
+            raise HTTPError(HTTPStatus.NOT_FOUND, "no station with mac %s" % query["mac"])
+        field = snap.field(station["id"], query["field"])
+        points = snap.series(station["id"], query["field"], now - span, bucket, now)
+    convert, unit = ((view.temperature, "°" + view.unit) if field.base_unit == "°C" else
+                     ((lambda v: v), field.base_unit))
+    return _json({"mac": station["mac"], "station": station["name"], "field": query["field"], "name": field.name,
+                  "unit": unit, "range": query["range"], "bucket_seconds": bucket // 1000,
+                  "points": [{"time": iso_ms(start), "min": convert(low), "mean": convert(mean), "max": convert(high),
+                              "count": count} for start, low, mean, high, count in points]})
 
 
 ###############################################################################
@@ -1618,13 +2257,12 @@ def render_metrics(server, now):
     for s in stations:
         who = (("station", s["name"]), ("mac", s["mac"]))
         for n, f in sorted(s["fields"].items()):
-            quantity, unit = FIELDS.get(n, ("field%d" % n, ""))
-            values.append((who + (("field", n), ("quantity", quantity.lower()), ("unit", unit)), f["value"]))
+            values.append((who + (("field", n), ("quantity", f["field"].key), ("unit", f["field"].unit)), f["posted"]))
         if s["last_seen"] is not None:
             ages.append((who, (now - s["last_seen"]) / 1000))
         online.append((who, int(not is_offline(s, now))))
     families = [
-        ("station_value", "gauge", "Latest value of a station's field as sent (temperature in °C).", values),
+        ("station_value", "gauge", "Latest value of a station's field as sent, in the unit its label names.", values),
         ("station_last_seen_age_seconds", "gauge", "Seconds since the station's latest reading.", ages),
         ("station_online", "gauge", "1 while the station posts as usual, 0 once it missed a few posts.", online),
         ("stations", "gauge", "Stations registered.", [((), len(stations))]),
@@ -1662,10 +2300,19 @@ _TS_FIELD_RE = re.compile(r"field([1-8])", re.ASCII)
 #: Members of a bulk entry that ThingSpeak stores and iotserver accepts and ignores.
 _BULK_IGNORED = ("status", "latitude", "longitude", "elevation")
 _TS_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8", "txt": "text/plain; charset=utf-8"}
+#: A read's aggregations, the first one given being used (as ThingSpeak does), and their periods
+#: in minutes; "daily" is a calendar day in the request's time zone.
+TS_AGGREGATIONS = ("timescale", "sum", "average", "median")
+TS_PERIODS = ("10", "15", "20", "30", "60", "240", "720", "1440", "daily")
 
 
-def _ts_value(value):
-    """A stored value as ThingSpeak writes it: text, without a needless '.0'."""
+def _ts_value(value, digits=None):
+    """A value as ThingSpeak writes it: a stored one without a needless '.0', a computed one (text) as
+    computed; with ``digits`` (?round=), rounded to that many decimal places."""
+    if digits is not None:
+        return "%.*f" % (digits, float(value))
+    if isinstance(value, str):
+        return value
     if value.is_integer() and abs(value) < 1e15:
         return str(int(value))
     return repr(value)
@@ -1831,6 +2478,8 @@ def _ts_entries(snap, station_id, field, params, zone, now):
     if results and (not re.fullmatch(r"[0-9]{1,6}", results, re.ASCII) or int(results) > TS_MAX_RESULTS):
         raise HTTPError(HTTPStatus.BAD_REQUEST, "results must be a whole number from 0 to %d" % TS_MAX_RESULTS)
     limit = int(results) if results else TS_RESULTS
+    if not results and any(params.get(name) for name in ("days", "minutes", "start", "end")):
+        limit = TS_MAX_RESULTS  # as ThingSpeak: a time range without results means all of it, up to 8,000
     since, until = 0, now + 1
     for name, unit in (("days", 86_400_000), ("minutes", 60_000)):
         if params.get(name):
@@ -1848,6 +2497,64 @@ def _ts_entries(snap, station_id, field, params, zone, now):
     return snap.entries(station_id, field, since, until, limit)
 
 
+def _ts_aggregate(batches, params, zone):
+    """Batches of entries grouped by period as ?timescale= (the first entry of each period), sum, average or
+    median ask, each at its period's start; ThingSpeak's ``results`` limits the entries read, not the periods."""
+    how = next((name for name in TS_AGGREGATIONS if params.get(name)), None)
+    if how is None:
+        return batches
+    period = params[how]
+    if period not in TS_PERIODS:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "%s must be %s (minutes) or daily" % (how, ", ".join(TS_PERIODS[:-1])))
+    return _ts_periods(batches, how, period, zone)
+
+
+def _ts_periods(batches, how, period, zone):
+    """The periods of _ts_aggregate, READ_BATCH at a time (entries come in time order: a period's are adjacent)."""
+    def start_of(entry):
+        if period == "daily":
+            day = to_datetime(entry[1], zone or datetime.timezone.utc)
+            return int(day.replace(hour=0, minute=0, second=0, microsecond=0).timestamp() * 1000)
+        return entry[1] // (int(period) * 60_000) * (int(period) * 60_000)
+
+    out = []
+    for start, members in itertools.groupby(itertools.chain.from_iterable(batches), key=start_of):
+        members = list(members)
+        if how == "timescale":
+            out.append((members[0][0], start, members[0][2]))
+        else:
+            fields = collections.defaultdict(list)
+            for _, _, values in members:
+                for field, value in values.items():
+                    fields[field].append(value)
+            out.append((None, start, {f: repr(_ts_combine(how, sorted(vs))) for f, vs in fields.items()}))
+        if len(out) == READ_BATCH:
+            yield out
+            out = []
+    if out:
+        yield out
+
+
+def _ts_combine(how, values):
+    """The sum, average or median of a field's sorted values in one period."""
+    if how == "sum":
+        return math.fsum(values)
+    if how == "average":
+        return math.fsum(values) / len(values)
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def _ts_round(params):
+    """?round=N: the decimal places values are written with, or None."""
+    digits = params.get("round")
+    if not digits:
+        return None
+    if not re.fullmatch(r"[0-9]{1,2}", digits, re.ASCII) or int(digits) > 15:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "round must be a whole number of decimal places from 0 to 15")
+    return int(digits)
+
+
 def _ts_channel(snap, station, zone):
     """The 'channel' object of a ThingSpeak feed."""
     snap.latest(station)
@@ -1855,7 +2562,7 @@ def _ts_channel(snap, station, zone):
     channel = {"id": station["id"], "name": station["name"],
                "description": "iotserver station %s" % station["mac"], "latitude": "0.0", "longitude": "0.0"}
     for n in sorted(station["fields"]):
-        channel["field%d" % n] = FIELDS.get(n, ("Field %d" % n,))[0]
+        channel["field%d" % n] = station["fields"][n]["field"].name
     channel.update(created_at=_ts_time(created, zone),
                    updated_at=_ts_time(station["last_seen"] or created, zone), last_entry_id=last)
     return channel
@@ -1864,7 +2571,7 @@ def _ts_channel(snap, station, zone):
 def render_ts_read(store, channel_id, what, field, fmt, params):
     """Answer /channels/ID/...: feeds, a field's feed, last entries, last data age; as chunks of bytes."""
     now = now_ms()
-    zone = _ts_zone(params)
+    zone, digits = _ts_zone(params), _ts_round(params)
     with store.snapshot() as snap:
         station = snap.station(channel_id)
         if station is None:
@@ -1875,31 +2582,31 @@ def render_ts_read(store, channel_id, what, field, fmt, params):
         if what in ("last", "age"):
             last = [e for batch in _ts_entries(snap, channel_id, field, dict(params, results="1"), zone, now)
                     for e in batch]
-            yield _ts_last(what, last, field, fmt, zone, now)
+            yield _ts_last(what, last, field, fmt, zone, now, digits)
             return
         channel = _ts_channel(snap, station, zone)
         fields = [field] if field else sorted(int(k[5:]) for k in channel if k[:5] == "field")
-        batches = _ts_entries(snap, channel_id, field, params, zone, now)
+        batches = _ts_aggregate(_ts_entries(snap, channel_id, field, params, zone, now), params, zone)
         if fmt == "csv":
             yield from _csv_chunks(["created_at", "entry_id"] + ["field%d" % f for f in fields], (
-                [[_ts_time(ts, zone, csv_style=True), entry] + [_ts_value(values[f]) if f in values else ""
+                [[_ts_time(ts, zone, csv_style=True), entry] + [_ts_value(values[f], digits) if f in values else ""
                                                                for f in fields] for entry, ts, values in batch]
                 for batch in batches), "\n")
         else:
             yield b'{"channel":' + _json(channel)[:-1] + b',"feeds":'
-            yield from _json_array([_ts_feed(entry, fields, zone) for entry in batch] for batch in batches)
+            yield from _json_array([_ts_feed(entry, fields, zone, digits) for entry in batch] for batch in batches)
             yield b"}\n"
 
 
-def _ts_feed(entry, fields, zone):
+def _ts_feed(entry, fields, zone, digits):
     """One entry as a ThingSpeak feed item: created_at, entry_id, then each field (None where it has none)."""
     entry_id, ts, values = entry
     item = {"created_at": _ts_time(ts, zone), "entry_id": entry_id}
-    item.update(("field%d" % f, _ts_value(values[f]) if f in values else None) for f in fields)
+    item.update(("field%d" % f, _ts_value(values[f], digits) if f in values else None) for f in fields)
     return item
 
 
-def _ts_last(what, entries, field, fmt, zone, now):
+def _ts_last(what, entries, field, fmt, zone, now, digits):
     """The answer of a last.* or last_data_age.* read, from the newest entry (a list of at most one)."""
     if not entries:
         # ThingSpeak answers -1; the 404 lets a careful script tell it from a reading of -1
@@ -1911,10 +2618,341 @@ def _ts_last(what, entries, field, fmt, zone, now):
     fields = [field] if field else sorted(values)
     if fmt == "csv":
         return b"".join(_csv_chunks(["created_at", "entry_id"] + ["field%d" % f for f in fields], [[
-            [_ts_time(ts, zone, csv_style=True), entry_id] + [_ts_value(values[f]) for f in fields]]], "\n"))
+            [_ts_time(ts, zone, csv_style=True), entry_id] + [_ts_value(values[f], digits) for f in fields]]], "\n"))
     if fmt == "txt" and field:
-        return _ts_value(values[field]).encode()
-    return _json(_ts_feed(entries[0], fields, zone))
+        return _ts_value(values[field], digits).encode()
+    return _json(_ts_feed(entries[0], fields, zone, digits))
+
+
+###############################################################################
+# Notifications ###############################################################
+###############################################################################
+# Tells people when to open the windows without their opening the page. A check thread
+# evaluates the advice every few seconds; one sender thread per --notify URL (Apprise's
+# URL forms: ntfy, Gotify, e-mail, a JSON webhook) delivers what that target has not
+# been told yet, so a slow or dead target never holds up a station or another target.
+
+#: Environment variable with more --notify URLs, space-separated (systemd EnvironmentFile=).
+NOTIFY_ENV = "IOTSERVER_NOTIFY"
+#: Minutes a changed advice must hold before it is pushed (--notify-hold).
+NOTIFY_HOLD_MIN = 5.0
+#: Seconds a target may take to connect, and then to answer.
+NOTIFY_TIMEOUT = 10.0
+#: Seconds before a failed target is tried again, growing up to the last.
+NOTIFY_RETRY_S = (10, 30, 60, 300, 600)
+#: Seconds between checks while no reading arrives (after a reading: within a second).
+CHECK_INTERVAL_S = 30.0
+#: Seconds between notes in the settings that the server is up, so that after a restart a
+#: station's silence while the server itself was down is not taken for an outage.
+ALIVE_INTERVAL_S = 60.0
+_NOTIFY_KINDS = ("ntfy", "gotify", "mailto", "json")
+#: ntfy's priorities (1 min … 5 max) as Gotify's (0 … 10; from 8 Android pops it up).
+_GOTIFY_PRIORITY = {1: 1, 2: 3, 3: 5, 4: 8, 5: 10}
+
+#: What a target is told: an event's new state (what is compared with what it was told
+#: before), a title, one line saying what to do and why, ntfy's priority (1-5) and tags.
+Message = collections.namedtuple("Message", "kind state title text priority tags")
+
+
+class Target:
+    """One --notify URL, parsed: where and how to deliver, and a label that holds none of its secrets."""
+
+    __slots__ = ("kind", "secure", "host", "port", "path", "user", "password", "params", "label", "secrets", "key")
+
+
+def parse_target(text):
+    """A Target from an Apprise-style URL; ValueError saying what is wrong without repeating the URL."""
+    try:
+        parts = urllib.parse.urlsplit(text.strip())
+        port = parts.port
+        # a + is itself here (+Header=value, me+iot@example.org), not a space as in a form
+        params = {urllib.parse.unquote(name): urllib.parse.unquote(value)
+                  for name, _, value in (pair.partition("=") for pair in parts.query.split("&") if pair)}
+    except ValueError:
+        raise ValueError("is not a URL such as ntfys://ntfy.sh/my-topic") from None
+    scheme = parts.scheme.lower()
+    kind = scheme[:-1] if scheme[:-1] in _NOTIFY_KINDS else scheme
+    if kind not in _NOTIFY_KINDS:
+        raise ValueError("has an unknown scheme %r: use ntfy(s)://, gotify(s)://, mailto(s):// or json(s)://"
+                         % scheme[:12])
+    t = Target()
+    t.kind, t.secure, t.port, t.params = kind, scheme != kind, port, params
+    t.host = parts.hostname or ""
+    t.user = urllib.parse.unquote(parts.username or "")
+    t.password = urllib.parse.unquote(parts.password or "")
+    segments = [urllib.parse.unquote(s) for s in parts.path.split("/") if s]
+    allowed = {"ntfy": ("token",), "gotify": (), "mailto": ("to", "from", "mode"), "json": ()}[kind]
+    unknown = [name for name in params if name not in allowed and not (kind == "json" and name.startswith("+"))]
+    if unknown:
+        raise ValueError("has an unknown parameter %r (%s takes %s)" % (
+            unknown[0][:20], kind, ", ".join(allowed) or ("+Header=value" if kind == "json" else "none")))
+    if kind == "ntfy" and not segments:  # ntfy://topic: the public server, always over HTTPS (topics keep their case)
+        segments, t.host, t.secure = [urllib.parse.unquote(parts.netloc.rpartition("@")[2])], "ntfy.sh", True
+        scheme = "ntfys"
+    if not t.host:
+        raise ValueError("names no host")
+    if kind == "ntfy":
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", segments[-1], re.ASCII):
+            raise ValueError("needs a topic of 1-64 letters, digits, - or _")
+        t.path = "/" + "/".join(urllib.parse.quote(s) for s in segments)
+    elif kind == "gotify":
+        if not segments:
+            raise ValueError("needs the application token: gotify://host/TOKEN")
+        t.path = "/" + "".join(urllib.parse.quote(s) + "/" for s in segments[:-1]) + "message"
+        params["token"] = segments[-1]
+    elif kind == "json":
+        t.path = parts.path or "/"
+    else:
+        mode = params.get("mode", "ssl" if t.secure and port == 465 else "starttls" if t.secure else "plain")
+        if mode not in ("ssl", "starttls", "plain") or (mode == "plain") == t.secure:
+            raise ValueError("has mode %r: mailtos:// takes mode=ssl or mode=starttls, mailto:// is plain" % mode[:10])
+        params["mode"] = mode
+        t.port = port or {"ssl": 465, "starttls": 587, "plain": 25}[mode]
+        params.setdefault("from", t.user if "@" in t.user else "iotserver@" + t.host)
+        params["to"] = [a.strip() for a in params.get("to", params["from"] if "@" in t.user else "").split(",")
+                        if a.strip()]
+        if not params["to"] or not all("@" in a for a in params["to"] + [params["from"]]):
+            raise ValueError("needs ?to=you@example.org (or a user name that is an address)")
+    shown = "[%s]" % t.host if ":" in t.host else t.host
+    t.label = "%s://%s%s%s" % (scheme, shown, ":%d" % port if port else "", "" if kind == "mailto" else "/…")
+    t.secrets = [s for s in [t.user, t.password, params.get("token", "")] + segments
+                 + [v for k, v in params.items() if k.startswith("+")] if len(s) >= 3]
+    t.key = hashlib.sha256(text.strip().encode()).hexdigest()[:12]  # names what it was told, in the settings
+    return t
+
+
+def describe_failure(target, exc):
+    """Why a delivery failed, in one line without the target's secrets."""
+    text = "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+    for secret in sorted(target.secrets, key=len, reverse=True):
+        text = text.replace(secret, "…")
+    return text[:200]
+
+
+def _basic(user, password):
+    return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+
+
+def _http_post(target, path, body, headers):
+    """POST over HTTP(S) (certificates checked); IotError unless the answer is 2xx."""
+    if target.secure:
+        conn = http.client.HTTPSConnection(target.host, target.port, timeout=NOTIFY_TIMEOUT,
+                                           context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(target.host, target.port, timeout=NOTIFY_TIMEOUT)
+    try:
+        conn.request("POST", path, body, dict(headers, **{"User-Agent": "iotserver/" + __version__}))
+        response = conn.getresponse()
+        response.read(65536)
+    finally:
+        conn.close()
+    if not 200 <= response.status < 300:
+        raise IotError("answered %d %s" % (response.status, response.reason))
+
+
+def _to_ntfy(target, message, link):
+    """ntfy's publish API: the text as body, the rest in headers."""
+    title = message.title
+    if not title.isascii():  # HTTP headers are Latin-1; ntfy decodes RFC 2047 encoded words
+        title = "=?UTF-8?B?%s?=" % base64.b64encode(title.encode()).decode()
+    headers = {"Title": title, "Priority": str(message.priority), "Tags": ",".join(message.tags),
+               "Content-Type": "text/plain; charset=utf-8"}
+    if link:
+        headers["Click"] = link
+    if target.params.get("token"):
+        headers["Authorization"] = "Bearer " + target.params["token"]
+    elif target.user:
+        headers["Authorization"] = _basic(target.user, target.password)
+    _http_post(target, target.path, message.text.encode(), headers)
+
+
+def _to_gotify(target, message, link):
+    """Gotify's POST /message with the application token in X-Gotify-Key."""
+    body = {"title": message.title, "message": message.text, "priority": _GOTIFY_PRIORITY[message.priority]}
+    if link:
+        body["extras"] = {"client::notification": {"click": {"url": link}}}
+    _http_post(target, target.path, _json(body), {"X-Gotify-Key": target.params["token"],
+                                                  "Content-Type": "application/json"})
+
+
+def _to_json(target, message, link):
+    """Apprise's JSON webhook: version, title, message, type, attachments."""
+    body = {"version": "1.0", "title": message.title, "message": message.text + ("\n" + link if link else ""),
+            "type": {"offline": "warning", "online": "success"}.get(message.kind, "info"), "attachments": []}
+    headers = {"Content-Type": "application/json"}
+    headers.update((name[1:], value) for name, value in target.params.items() if name.startswith("+"))
+    if target.user:
+        headers["Authorization"] = _basic(target.user, target.password)
+    _http_post(target, target.path, _json(body), headers)
+
+
+def _to_mail(target, message, link):
+    """An e-mail over SMTP: implicit TLS, STARTTLS or plain, as the URL says (certificates checked)."""
+    mail = email.message.EmailMessage()
+    mail["Subject"], mail["From"], mail["To"] = message.title, target.params["from"], ", ".join(target.params["to"])
+    mail["Date"] = email.utils.formatdate(localtime=True)
+    mail["Message-ID"] = email.utils.make_msgid("iotserver", domain=target.params["from"].rpartition("@")[2])
+    mail.set_content(message.text + ("\n\n" + link if link else "") + "\n")
+    context, mode = ssl.create_default_context(), target.params["mode"]
+    if mode == "ssl":
+        smtp = smtplib.SMTP_SSL(target.host, target.port, timeout=NOTIFY_TIMEOUT, context=context)
+    else:
+        smtp = smtplib.SMTP(target.host, target.port, timeout=NOTIFY_TIMEOUT)
+    with smtp:
+        if mode == "starttls":
+            smtp.starttls(context=context)
+        if target.user:
+            smtp.login(target.user, target.password)
+        smtp.send_message(mail)
+
+
+def deliver(target, message, link=None):
+    """Send one message to one target now; raises on failure (see describe_failure)."""
+    {"ntfy": _to_ntfy, "gotify": _to_gotify, "mailto": _to_mail, "json": _to_json}[target.kind](target, message, link)
+
+
+def _in_quiet(quiet, local):
+    """True when a local time falls in quiet hours (start, end) given in minutes after midnight."""
+    minute, (start, end) = local.hour * 60 + local.minute, quiet
+    return start <= minute < end if start < end else minute >= start or minute < end
+
+
+class Notifier:
+    """Checks the advice and the compared stations in the background and tells every target of a change.
+
+    ``want`` holds, per event (the advice; each compared station), the message a target
+    should have had last. Each target's sender delivers what differs from what that
+    target was told, which is kept in the settings: a restart neither repeats a message
+    nor forgets a change. Only the newest state is sent, so nothing queues up while a
+    target is down: it is retried with growing waits and gets what is true by then.
+    """
+
+    def __init__(self, server, targets, hold_ms=NOTIFY_HOLD_MIN * 60_000, quiet=None):
+        self.server, self.targets, self.hold_ms, self.quiet = server, list(targets), hold_ms, quiet
+        self.started = now_ms()
+        alive = server.store.setting("alive", "")
+        self.down = (int(alive), self.started) if alive.isdigit() else None  # this server's own last downtime
+        self.want = {}
+        self._saved = _memory_key(server.advisor.memory)
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._failing = False
+        self._threads = [threading.Thread(target=self._check_loop, name="advice", daemon=True)]
+        self._threads += [threading.Thread(target=self._send_loop, args=(t,), name="notify", daemon=True)
+                          for t in self.targets]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self):
+        """Stop checking and sending (a delivery under way is cut off and tried again after a restart)."""
+        self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
+        self._threads[0].join(5)
+
+    def _check_loop(self):
+        seen, due, alive_due = None, 0.0, 0.0
+        while not self._stop.wait(1.0):
+            generation, now = self.server.store.generation, time.monotonic()
+            if generation == seen and now < due:
+                continue
+            seen = generation
+            try:
+                due = now + min(CHECK_INTERVAL_S, self.check(now_ms()))
+                if self.targets and now >= alive_due:
+                    self.server.store.set_setting("alive", now_ms())
+                    alive_due = now + ALIVE_INTERVAL_S
+                self._failing = False
+            except Exception as exc:  # a locked or full database, or a bug: log once, keep checking
+                if not self._failing:
+                    log("iotserver: checking the advice failed: %s: %s" % (type(exc).__name__, exc))
+                self._failing = True
+
+    def check(self, now):
+        """Evaluate the advice and the stations once, keep its memory, wake the senders on a change.
+
+        Returns the seconds until a new advice will have held long enough (else CHECK_INTERVAL_S).
+        """
+        server = self.server
+        advice, by_role = server.advisor.current(server.store, now)
+        with server.advisor.lock:
+            memory = dict(server.advisor.memory)
+        if _memory_key(memory) != self._saved:  # only when more than the last sample's time changed
+            server.store.set_setting("advice", json.dumps(memory))
+            self._saved = _memory_key(memory)
+        if not self.targets or self.quiet and _in_quiet(self.quiet, server.view.local(now)):
+            return CHECK_INTERVAL_S
+        want, held = {}, advice.action != "unknown" and now - advice.since >= self.hold_ms
+        if held:
+            want["advice"] = Message("advice", advice.action, re.split(" — |: ", advice.headline)[0],
+                                     "%s. %s" % (advice.headline, advice.reason), 4 if advice.action == "open" else 3,
+                                     ["window"] if advice.action == "open" else ["house"])
+        for role, station in sorted(by_role.items()):
+            if station["last_seen"] is not None:
+                want["station " + station["mac"]] = self._station_message(role, station, now)
+        with self._changed:
+            if {k: m.state for k, m in want.items()} != {k: m.state for k, m in self.want.items()}:
+                self._changed.notify_all()
+            self.want = want
+        if advice.action == "unknown" or held:
+            return CHECK_INTERVAL_S
+        return (advice.since + self.hold_ms - now) / 1000 + 0.05
+
+    def _station_message(self, role, station, now):
+        """A compared station's state (offline or online) as a message."""
+        last = self.server.view.local(station["last_seen"]).strftime("%H:%M")
+        where = "Outside" if role == "outdoor" else "Inside"
+        if self.down:  # the part of its silence during which this server was down does not count
+            stopped, started = self.down
+            silent = max(0, started - max(station["last_seen"], stopped))
+            station = dict(station, last_seen=station["last_seen"] + silent)
+        if is_offline(station, now):
+            return Message("offline", "offline", "%s is offline" % station["name"],
+                           "%s station %s has sent nothing since %s: the window advice waits until it is back. "
+                           "Check its power and Wi-Fi." % (where, station["name"], last), 3, ["warning"])
+        return Message("online", "online", "%s is back" % station["name"],
+                       "%s station %s is posting again (last reading %s)." % (where, station["name"], last),
+                       2, ["white_check_mark"])
+
+    def _send_loop(self, target):
+        """Tell one target whatever it has not been told; wait longer after each failure."""
+        store, name, failures = self.server.store, "notified " + target.key, 0
+        try:
+            told = json.loads(store.setting(name, "{}"))
+        except ValueError:
+            told = {}
+        while not self._stop.is_set():
+            with self._changed:
+                # a station's first state is taken as online: only a change to offline is news
+                pending = [(k, m) for k, m in sorted(self.want.items())
+                           if told.get(k, "online" if k.startswith("station ") else None) != m.state]
+                if not pending:
+                    self._changed.wait()
+                    continue
+            for key, message in pending:
+                try:
+                    deliver(target, message, self.server.public_url)
+                except Exception as exc:  # whatever the target or the network did: count, log, wait, retry
+                    failures += 1
+                    wait = NOTIFY_RETRY_S[min(failures, len(NOTIFY_RETRY_S)) - 1]
+                    self.server.count("notifications", result="failed", kind=message.kind)
+                    log("iotserver: notifying %s failed (%s); next try in %d s"
+                        % (target.label, describe_failure(target, exc), wait))
+                    self._stop.wait(wait)
+                    break
+                failures = 0
+                told[key] = message.state
+                self.server.count("notifications", result="sent", kind=message.kind)
+                log("iotserver: notified %s: %s" % (target.label, message.title))
+                try:
+                    store.set_setting(name, json.dumps(told))
+                except (sqlite3.Error, StoreError) as exc:
+                    log("iotserver: cannot record what %s was told (%s); a restart may repeat it" % (target.label, exc))
+
+
+def _memory_key(memory):
+    """The advice's memory without the time of its last sample (that alone changes with every reading)."""
+    return {k: v for k, v in memory.items() if k != "upto"}
 
 
 ###############################################################################
@@ -2018,8 +3056,8 @@ class Handler(BaseHTTPRequestHandler):
         super().setup()
         self.rfile = _LineReader(self.rfile)
         self._peer = _plain_ip(self.client_address[0]) if self.client_address else "-"
-        # idle: waiting for a request line; reading: its headers or body; busy: answering it;
-        # sending: a long answer, chunk by chunk (a client that stops reading may be dropped)
+        # idle: waiting for a request line; reading: its headers; body: its body; busy: answering it;
+        # sending: a long answer, chunk by chunk (a client that stops reading it may be dropped)
         self._phase, self._since, self._dropped = "idle", time.monotonic(), False
         self.route = None  # the ROUTES row answering the current request, once found
         self.server.track(self, True)
@@ -2139,16 +3177,16 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length", "0").strip()  # digits only: see _check_framing
         if len(length) > 9 or int(length) > limit:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body is larger than %d bytes" % limit)
-        self._phase = "reading"  # a body trickled in byte by byte is cut off like slow headers
+        self._phase = "body"  # a body trickled in byte by byte is cut off like slow headers
         try:
             body = self.rfile.read(int(length))
         except OSError:  # the socket timeout: the rest of the body never came
-            self.close_connection = True
-            raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, "the body did not arrive in time") from None
+            body = None
         finally:
             self._phase = "busy"
-        if self._dropped:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "body too slow")
+        if body is None or self._dropped:  # timed out, or cut off by the reaper (which leaves us the answer)
+            self.close_connection = True
+            raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, "the body did not arrive in time")
         if len(body) != int(length):
             self.close_connection = True
             raise HTTPError(HTTPStatus.BAD_REQUEST, "body is shorter than its Content-Length")
@@ -2408,8 +3446,16 @@ def on_ts_bulk(req, match):
     return _store_bulk(req, mac, entries)
 
 
+def _page_query(req):
+    """(range, fragment) of a page: ?range=24h|7d|30d|1y, and ?fragment=1 (what the open page fetches to refresh itself)."""
+    params = dict(parse_query(req.query, 20))
+    if params.get("range", "24h") not in RANGES:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "range must be %s" % ", ".join(RANGES))
+    return params.get("range", "24h"), params.get("fragment") == "1"
+
+
 def on_page(req, match):
-    """GET / (and ?fragment=1, what the open page fetches to refresh itself)."""
+    """GET / (?range=7d, ?fragment=1)."""
     server = req.server
     if req.command == "HEAD" and server.private:  # anyone may ask (read_access): say it is up, show nothing
         return Response(b"", content_type="text/html; charset=utf-8", headers=[("Cache-Control", "no-store")])
@@ -2417,9 +3463,24 @@ def on_page(req, match):
     if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,255}", host, re.ASCII):
         host = "%s:%d" % server.server_address[:2]
     scheme = "https" if req.headers.get("X-Forwarded-Proto") == "https" and req.from_proxy() else "http"
-    fragment = ("fragment", "1") in parse_query(req.query, 20)
-    body, nonce = render_page(server.store, server.view, now_ms(), "%s://%s/" % (scheme, host),
-                              server.refresh, fragment)
+    range_name, fragment = _page_query(req)
+    return _html(*render_page(server.store, server.view, now_ms(), "%s://%s/" % (scheme, host),
+                              server.refresh, server.advisor, fragment, range_name))
+
+
+def on_station(req, match):
+    """GET /station/MAC (?range=7d, ?fragment=1): one station, every field charted."""
+    server = req.server
+    try:
+        mac = parse_mac(urllib.parse.unquote(match.group(1)))
+    except ValueError as exc:
+        raise HTTPError(HTTPStatus.NOT_FOUND, str(exc)) from None
+    range_name, fragment = _page_query(req)
+    return _html(*render_station(server.store, server.view, now_ms(), mac, server.refresh, fragment, range_name))
+
+
+def _html(body, nonce):
+    """A page's answer, with the headers that keep it to itself."""
     return Response(body, content_type="text/html; charset=utf-8", headers=[
         ("Content-Security-Policy", "default-src 'none'; style-src 'nonce-%s'; script-src 'nonce-%s'; "
          "connect-src 'self'; img-src 'self' data:; manifest-src 'self'; base-uri 'none'; form-action 'none'; "
@@ -2432,6 +3493,18 @@ def on_latest(req, match):
     """GET /api/latest"""
     return Response(render_latest(req.server.store, now_ms()), content_type="application/json",
                     headers=_API_HEADERS)
+
+
+def on_advice(req, match):
+    """GET /api/advice"""
+    return Response(render_advice(req.server.advisor, req.server.store, now_ms()), content_type="application/json",
+                    headers=_API_HEADERS)
+
+
+def on_series(req, match):
+    """GET /api/series?mac=&field=&range="""
+    body = render_series(req.server.store, req.server.view, parse_series_query(req.query), now_ms())
+    return Response(body, content_type="application/json", headers=_API_HEADERS)
 
 
 def on_readings(req, match):
@@ -2512,6 +3585,9 @@ def on_icon(req, match):
 ROUTES = (
     Route("/", "GET HEAD", on_page, read_access),
     Route("/api/latest", "GET HEAD", on_latest, read_access),
+    Route("/api/advice", "GET HEAD", on_advice, read_access),
+    Route(re.compile(r"/station/([^/]{1,64})"), "GET HEAD", on_station, read_access),
+    Route("/api/series", "GET HEAD", on_series, read_access),
     Route("/api/readings", "GET HEAD", on_readings, read_access),
     Route("/api/readings.json", "GET HEAD", on_readings, read_access),
     Route("/api/readings.csv", "GET HEAD", on_readings, read_access),
@@ -2545,7 +3621,8 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address, store, api_key=None, rate=DEFAULT_RATE, burst=DEFAULT_BURST,
                  client_timeout=DEFAULT_TIMEOUT, quiet=False, max_stations=DEFAULT_MAX_STATIONS,
                  view=None, refresh=DEFAULT_REFRESH, private=False, trusted_proxies=("127.0.0.1", "::1"),
-                 max_connections=MAX_CONNECTIONS, public_url=None, metrics_token=None):
+                 max_connections=MAX_CONNECTIONS, public_url=None, metrics_token=None, notify=(),
+                 notify_hold=NOTIFY_HOLD_MIN, quiet_hours=None):
         self.store = store
         self.fixed_key = api_key
         self.buckets = TokenBuckets(rate / 60.0, burst)
@@ -2571,9 +3648,15 @@ class Server(ThreadingHTTPServer):
         self._counters_lock = threading.Lock()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        try:
+            memory = json.loads(store.setting("advice", "{}"))
+        except ValueError:
+            memory = {}
+        self.advisor = Advisor(self.view, memory if isinstance(memory, dict) else {})
         super().__init__(address, Handler)
         self._reaper_stop = threading.Event()
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()
+        self.notifier = Notifier(self, notify, notify_hold * 60_000, quiet_hours)
 
     def count(self, name, amount=1, **labels):
         """Add to a counter (shown by /metrics), e.g. count("readings_refused", reason="rate")."""
@@ -2629,10 +3712,11 @@ class Server(ThreadingHTTPServer):
         while not self._reaper_stop.wait(0.5):
             now = time.monotonic()
             with self._connections_lock:
-                slow = [h for h in self._connections if h._phase == "reading" and not h._dropped
+                slow = [h for h in self._connections if h._phase in ("reading", "body") and not h._dropped
                         and now - h._since > self.client_timeout]
             for handler in slow:
-                self._drop(handler)
+                # one stuck in its body is still answered (408): stop reading only
+                self._drop(handler, socket.SHUT_RD if handler._phase == "body" else socket.SHUT_RDWR)
             if self.dropped > reported and now - last_report > 60 and not self.quiet:  # one line a minute at most
                 log("iotserver: dropped %d slow or surplus clients" % (self.dropped - reported))
                 reported, last_report = self.dropped, now
@@ -2650,6 +3734,7 @@ class Server(ThreadingHTTPServer):
             else:
                 self._drop(handler)
         self._reaper_stop.set()
+        self.notifier.stop()
         self.server_close()
 
     def url(self):
@@ -2775,6 +3860,38 @@ def _url_arg(text):
     return text.rstrip("/") + "/"
 
 
+def _not_negative(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text) from None
+    if not 0 <= value < 1e6:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _comfort_arg(text):
+    match = re.fullmatch(r"\s*([0-9]{1,2}(?:\.[0-9]+)?)\s*[-–]\s*([0-9]{1,2}(?:\.[0-9]+)?)\s*", text, re.ASCII)
+    if not match or not float(match.group(1)) < float(match.group(2)):
+        raise argparse.ArgumentTypeError("must be LOW-HIGH in °C with LOW below HIGH, e.g. 20-24")
+    return float(match.group(1)), float(match.group(2))
+
+
+def _quiet_arg(text):
+    match = re.fullmatch(r"([01]?[0-9]|2[0-3]):([0-5][0-9])-([01]?[0-9]|2[0-3]):([0-5][0-9])", text.strip(), re.ASCII)
+    if not match or match.group(1, 2) == match.group(3, 4):
+        raise argparse.ArgumentTypeError("must be HH:MM-HH:MM, e.g. 22:00-07:00")
+    hours = [int(g) for g in match.groups()]
+    return hours[0] * 60 + hours[1], hours[2] * 60 + hours[3]
+
+
+def _notify_arg(text):
+    try:
+        return parse_target(text)
+    except ValueError as exc:  # the message never repeats the URL: it may hold a password or token
+        raise argparse.ArgumentTypeError("the URL %s" % exc) from None
+
+
 def _zone_arg(text):
     try:
         return zoneinfo.ZoneInfo(text)
@@ -2795,6 +3912,23 @@ class _MacAnd(argparse.Action):
         except argparse.ArgumentTypeError as exc:
             parser.error("argument %s: %s" % (option_string, exc))
         setattr(namespace, self.dest, pair)
+
+
+class _FieldArg(argparse.Action):
+    """``--field MAC N NAME UNIT``: each part checked once, stored as (mac, number, name, unit)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=4, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        mac, number, name, unit = values
+        try:
+            if not _FIELD_RE.fullmatch(number):
+                raise ValueError("a field is a number from 1 to 8")
+            name = _name_arg(name)
+            setattr(namespace, self.dest, (_mac_arg(mac), int(number), name, field_unit(name, unit.strip())))
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            parser.error("argument %s: %s" % (option_string, exc))
 
 
 def _proxies(given):
@@ -2847,6 +3981,11 @@ def build_parser():
     shown.add_argument("--dead-band", type=_positive(float), default=DEAD_BAND_C, metavar="CELSIUS",
                        help="how much cooler or warmer (in °C) outside must be before the advice flips "
                             "(default: %(default)g)")
+    shown.add_argument("--comfort", type=_comfort_arg, default=COMFORT_C, metavar="LOW-HIGH",
+                       help="comfort band in °C the advice brings the inside toward (default: %g-%g)" % COMFORT_C)
+    shown.add_argument("--max-dew-point", type=_positive(float), default=MAX_DEW_POINT_C, metavar="CELSIUS",
+                       help="outside air with a higher dew point is muggy: the advice will not open for it "
+                            "(default: %(default)g)")
     shown.add_argument("--refresh", type=_positive(int), default=DEFAULT_REFRESH, metavar="SECONDS",
                        help="how often the open page updates itself (default: %(default)s)")
     shown.add_argument("--private", action="store_true",
@@ -2855,6 +3994,16 @@ def build_parser():
                        help="a bearer token that lets a scraper (Prometheus) read /metrics, also with --private; "
                             "also read from $%s" % METRICS_TOKEN_ENV)
 
+    told = parser.add_argument_group("notifications")
+    told.add_argument("--notify", action="append", type=_notify_arg, default=[], metavar="URL",
+                      help="tell this target when the advice changes or a station goes offline: ntfy(s)://host/topic, "
+                           "gotify(s)://host/token, mailto(s)://user:pass@smtp.host:587?to=you@example.org or "
+                           "json(s)://host/path; repeatable; more in $%s, space-separated" % NOTIFY_ENV)
+    told.add_argument("--notify-hold", type=_not_negative, default=NOTIFY_HOLD_MIN, metavar="MINUTES",
+                      help="push a new advice only once it has held this long; 0 at once (default: %(default)g)")
+    told.add_argument("--notify-quiet", type=_quiet_arg, metavar="HH:MM-HH:MM",
+                      help="quiet hours (--tz): nothing is pushed then; what is still true after them is")
+
     admin = parser.add_argument_group("admin actions (run, print, exit)")
     actions = admin.add_mutually_exclusive_group()
     actions.add_argument("--stations", action="store_true", help="list stations and exit")
@@ -2862,7 +4011,12 @@ def build_parser():
                          help="give a station a name")
     actions.add_argument("--role", action=_MacAnd, convert=_role_arg, metavar=("MAC", "ROLE"),
                          help="mark a station indoor or outdoor (the page compares them), or none")
-    actions.add_argument("--forget", type=_mac_arg, metavar="MAC", help="delete a station and its readings")
+    actions.add_argument("--field", action=_FieldArg, metavar=("MAC", "N", "NAME", "UNIT"),
+                         help="what a station's field N holds, e.g. --field MAC 1 temperature F: "
+                              "temperature (C, F, K), pressure (hPa, Pa, kPa, mbar, inHg, mmHg) and humidity (%%) "
+                              "are converted and checked; any other name is shown as sent, with UNIT")
+    actions.add_argument("--forget", type=_mac_arg, metavar="MAC",
+                         help="delete a station, its readings and their rollups")
     actions.add_argument("--show-key", action="store_true", help="print the API key and an example station URL")
     actions.add_argument("--rotate-key", action="store_true", help="replace the API key with a new random one")
     actions.add_argument("--lock", action="store_true", help="refuse stations not yet registered (403)")
@@ -2875,8 +4029,13 @@ def build_parser():
                          help="create a station for a ThingSpeak client that has no MAC; print its id and key")
     actions.add_argument("--backup", metavar="PATH",
                          help="write a consistent copy of the live database to PATH and exit")
+    actions.add_argument("--notify-test", action="store_true",
+                         help="send a test message to every --notify URL, print the result of each, and exit")
     actions.add_argument("--prune-days", type=_positive(float), metavar="DAYS",
-                         help="delete readings older than DAYS days (for cron) and exit")
+                         help="delete readings older than DAYS days (for cron) and exit; "
+                              "the hourly and daily rollups stay, so charts still reach back")
+    actions.add_argument("--prune-rollups-days", type=_positive(float), metavar="DAYS",
+                         help="delete the hourly and daily rollups older than DAYS days and exit")
     return parser
 
 
@@ -2911,6 +4070,14 @@ def _cmd_role(args, store, out):
     mac, role = args.role
     store.set_role(mac, role)
     print("%s is now %s" % (mac, role if role != "none" else "without a role"), file=out)
+
+
+def _cmd_field(args, store, out):
+    mac, number, name, unit = args.field
+    store.set_field(mac, number, name, unit)
+    field = Field(number, name, unit)
+    how = "shown in %s" % field.base_unit if field.quantity else "shown as sent"
+    print("%s field %d is %s in %s (%s)" % (mac, number, name, unit or "no unit", how), file=out)
 
 
 def _cmd_forget(args, store, out):
@@ -2970,13 +4137,35 @@ def _cmd_prune_days(args, store, out):
     print("pruned %d readings older than %g days" % (count, args.prune_days), file=out)
 
 
+def _cmd_notify_test(args, store, out):
+    if not args.notify:
+        print("no notification URL: give --notify URL or set $%s" % NOTIFY_ENV, file=out)
+        return 2
+    message = Message("test", "test", "iotserver test", "A test from iotserver: the window advice will reach "
+                      "you like this.", 3, ["white_check_mark"])
+    failed = 0
+    for target in args.notify:
+        try:
+            deliver(target, message, args.public_url)
+            print("%s: sent" % target.label, file=out)
+        except Exception as exc:  # whatever the target or the network did, reported per target
+            failed += 1
+            print("%s: failed (%s)" % (target.label, describe_failure(target, exc)), file=out)
+    return 1 if failed else 0
+def _cmd_prune_rollups_days(args, store, out):
+    count = store.prune(args.prune_rollups_days, rollups=True)
+    print("pruned %d hourly and daily rollups older than %g days" % (count, args.prune_rollups_days), file=out)
+
+
 #: Every admin action: the flag's dest -> the function that runs it. Flags not named
 #: here serve (or configure serving).
 COMMANDS = {
-    "stations": _cmd_stations, "rename": _cmd_rename, "role": _cmd_role, "forget": _cmd_forget,
+    "stations": _cmd_stations, "rename": _cmd_rename, "role": _cmd_role, "field": _cmd_field, "forget": _cmd_forget,
     "show_key": _cmd_show_key, "rotate_key": _cmd_rotate_key, "lock": _cmd_lock, "unlock": _cmd_unlock,
     "channel_key": _cmd_channel_key, "rotate_channel_key": _cmd_rotate_channel_key,
     "add_channel": _cmd_add_channel, "backup": _cmd_backup, "prune_days": _cmd_prune_days,
+    "notify_test": _cmd_notify_test,
+    "prune_rollups_days": _cmd_prune_rollups_days,
 }
 
 
@@ -2986,6 +4175,14 @@ def main(argv=None):
     sys.stdout.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     command = next((COMMANDS[name] for name in COMMANDS if getattr(args, name) not in (None, False)), None)
+    if command in (None, _cmd_notify_test):
+        try:  # the environment's URLs first; like the flags, never repeated in a message
+            args.notify = [parse_target(url) for url in os.environ.get(NOTIFY_ENV, "").split()] + args.notify
+        except ValueError as exc:
+            log("iotserver: a URL in $%s %s" % (NOTIFY_ENV, exc))
+            return 2
+    if command is _cmd_notify_test:  # reaches out, touches no database
+        return command(args, None, sys.stdout)
     try:
         store = Store(args.db, create=command is None)
     except StoreError as exc:
@@ -3003,10 +4200,12 @@ def main(argv=None):
         key, created = store.ensure_key()
         server = Server((args.host, args.port), store, api_key=args.api_key, rate=args.rate,
                         burst=args.burst, client_timeout=args.timeout, quiet=args.quiet,
-                        max_stations=args.max_stations, view=View(args.unit, args.tz, args.dead_band),
+                        max_stations=args.max_stations,
+                        view=View(args.unit, args.tz, args.dead_band, args.comfort, args.max_dew_point),
                         refresh=args.refresh, private=args.private, trusted_proxies=_proxies(args.trusted_proxy),
                         max_connections=args.max_connections, public_url=args.public_url,
-                        metrics_token=args.metrics_token)
+                        metrics_token=args.metrics_token, notify=args.notify, notify_hold=args.notify_hold,
+                        quiet_hours=args.notify_quiet)
         urls = [server.public_url] if server.public_url else server.urls()
         store.set_setting("url", urls[0])  # where --show-key's example points
     except (OSError, sqlite3.Error) as exc:
@@ -3018,6 +4217,10 @@ def main(argv=None):
         log("iotserver %s listening on %s (database %s)" % (__version__, server.url(), store.path))
         if urls != [server.url()]:
             log("iotserver: stations and phones reach it at %s" % " or ".join(urls))
+        if args.notify:
+            log("iotserver: notifying %s when the advice changes (after holding %g min) or a station goes offline%s"
+                % (", ".join(t.label for t in args.notify), args.notify_hold,
+                   "" if args.public_url else "; without --public-url the messages carry no link"))
         if created and not args.api_key:
             if sys.stdout.isatty():
                 # shown once, on a terminal only: a journal or log file must never hold the key

@@ -3,7 +3,7 @@
     from machine import I2C, Pin
     import mcp9808
     sensor = mcp9808.MCP9808(I2C(scl=Pin(5), sda=Pin(4)))
-    sensor.temperature()        # -3.0625
+    sensor.read()               # {'temperature': -3.0625}: C
 """
 from micropython import const
 
@@ -38,6 +38,6 @@ class MCP9808:
             raw -= 0x2000
         return raw / 16
 
-    def fields(self):
-        """[(field, value, decimals)] to post: field 1 is the temperature in C."""
-        return [(1, self.temperature(), 4)]
+    def read(self):
+        """{'temperature': degrees Celsius}."""
+        return {"temperature": self.temperature()}

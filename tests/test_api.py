@@ -51,7 +51,7 @@ def test_readings_filters_and_order(server):
         time.sleep(0.01)
     everything = json.loads(server.request("/api/readings")[2])
     assert [r["value"] for r in everything] == [1, 2, 3, 4]
-    assert set(everything[0]) == {"time", "mac", "name", "field", "value"}
+    assert set(everything[0]) == {"time", "mac", "name", "field", "value", "unit"}
     one = json.loads(server.request("/api/readings?mac=%s&field=1" % MAC.upper())[2])
     assert [r["value"] for r in one] == [1, 4]
     assert [r["value"] for r in json.loads(server.request("/api/readings?limit=2")[2])] == [1, 2]
@@ -71,8 +71,8 @@ def test_readings_csv(server):
         status, headers, body = server.request(path)
         assert status == 200 and headers["content-type"].startswith("text/csv")
         rows = list(csv.reader(io.StringIO(body)))
-        assert rows[0] == ["time", "mac", "name", "field", "value"]
-        assert rows[1][1:] == [MAC, "'=HYPERLINK(\"http://evil\")", "1", "-7.5"]
+        assert rows[0] == ["time", "mac", "name", "field", "value", "unit"]
+        assert rows[1][1:] == [MAC, "'=HYPERLINK(\"http://evil\")", "1", "-7.5", "°C"]
         assert rows[1][0].endswith("Z")
 
 

@@ -179,3 +179,34 @@ def test_code_on_a_phone_wraps_between_words_and_after_slashes(browser, start, w
             assert all(" " in collapsed or before == " " for before, collapsed in breaks), (text, breaks)
     assert page.evaluate("document.documentElement.scrollWidth") <= width
     page.close()
+
+
+def test_range_links_and_station_pages_work_without_javascript(browser, weather):
+    context = browser.new_context(java_script_enabled=False, viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    page.goto(weather.url + "/")
+    assert page.locator(".panel h2").inner_text() == "Last 24 hours"
+    for link, title in (("7 d", "Last 7 days"), ("30 d", "Last 30 days"), ("1 y", "Last year"), ("24 h", "Last 24 hours")):
+        page.get_by_role("link", name=link, exact=True).click()
+        page.wait_for_url("**/?range=%s" % link.replace(" ", ""))
+        assert page.locator(".panel h2").inner_text() == title
+        assert page.locator("svg.chart").is_visible()
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.get_by_role("link", name="Living room").click()  # a card's name leads to its station's page
+    page.wait_for_url("**/station/%s" % MAC2)
+    assert page.locator(".panel h2").all_inner_texts() == ["Temperature, last 24 hours", "Pressure, last 24 hours"]
+    page.get_by_role("link", name="1 y", exact=True).click()
+    page.wait_for_url("**/station/%s?range=1y" % MAC2)
+    assert page.locator(".panel h2").all_inner_texts() == ["Temperature, last year", "Pressure, last year"]
+    page.screenshot(path=str(SHOTS / "station-phone.png"), full_page=True)
+    context.close()
+
+
+def test_the_open_page_keeps_its_range_when_it_updates(browser, weather):
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.goto(weather.url + "/?range=30d")
+    assert weather.update("27.5", mac=MAC)[0] == 200
+    page.locator("#headline h1", has_text="Keep the windows closed").wait_for(timeout=15000)  # refreshed itself
+    assert page.locator(".panel h2").inner_text() == "Last 30 days"
+    assert page.url.endswith("/?range=30d")
+    page.close()

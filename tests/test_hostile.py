@@ -113,7 +113,7 @@ def test_a_100k_row_export_arrives_whole_and_streamed_as_json_and_csv(server):
             assert len(rows) == 100_000 and rows[0]["mac"] == MAC and rows[-1]["value"] == 39.9
         else:
             lines = body.splitlines()
-            assert lines[0] == "time,mac,name,field,value" and len(lines) == 100_001
+            assert lines[0] == "time,mac,name,field,value,unit" and len(lines) == 100_001
     # an HTTP/1.0 client gets the answer delimited by the end of the connection
     answer = _raw(server, b"GET %s HTTP/1.0\r\n\r\n" % _export_path("csv").encode())
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -172,9 +172,9 @@ def test_a_big_thingspeak_feed_arrives_whole_and_streamed(server):
     assert resp.status == 200 and resp.getheader("Transfer-Encoding") == "chunked"
     feed = json.loads(resp.read())
     conn.close()
-    newest = server.rows("SELECT id, value FROM readings WHERE station_id = ? ORDER BY ts DESC, id DESC LIMIT 8000",
-                         (station,))[::-1]
-    assert [(f["entry_id"], f["field1"]) for f in feed["feeds"]] == [(i, iotserver._ts_value(v)) for i, v in newest]
+    newest = server.rows("SELECT ts, value FROM readings WHERE station_id = ? ORDER BY ts DESC LIMIT 8000",
+                         (station,))[::-1]  # an entry is known by its time
+    assert [(f["entry_id"], f["field1"]) for f in feed["feeds"]] == [(ts, iotserver._ts_value(v)) for ts, v in newest]
     assert feed["channel"]["id"] == channel
     status, _, body = server.request("/channels/%d/fields/1.csv?results=8000" % channel)
     assert status == 200 and len(body.splitlines()) == 8001
@@ -272,7 +272,8 @@ def test_a_back_dated_row_already_in_the_database_breaks_no_read(start):
                          [(channel, 1, ms) for ms in BOGUS_MS] + [(channel, 3, BOGUS_MS[0])])
     conn.close()
     everything = "since=0001-01-01T00:00:00Z&until=9999-12-31T23:59:59-12:00"
-    paths = ("/", "/?fragment=1", "/api/latest", "/api/readings?" + everything, "/api/readings.csv?" + everything,
+    paths = ("/", "/?fragment=1", "/?range=1y", "/station/%s?range=30d" % MAC, "/api/series?mac=%s&range=1y" % MAC,
+             "/api/latest", "/api/advice", "/metrics", "/api/readings?" + everything, "/api/readings.csv?" + everything,
              "/channels/%d.json" % channel, "/channels/%d/feeds.json" % channel, "/channels/%d/feeds.csv" % channel,
              "/channels/%d/feeds.json?start=0001-01-02&timezone=Pacific/Kiritimati" % channel,
              "/channels/%d/fields/3.json?timezone=Etc/GMT%%2B12" % channel,

@@ -24,6 +24,13 @@ def headline(server, path="/"):
     return match.group(1), html.unescape(match.group(2)).replace("\u00a0", " ")
 
 
+def reason(server):
+    """The line under the headline that says why."""
+    body = server.request("/")[2]
+    match = re.search(r'<section class="headline \w+"[^>]*><h1>.*?</h1><p>(.*?)</p>', body)
+    return html.unescape(match.group(1)).replace("\u00a0", " ")
+
+
 def _roles(server, out_c=None, in_c=None):
     if out_c is not None:
         assert server.update(str(out_c), mac=OUT)[0] == 200
@@ -57,15 +64,18 @@ def test_keep_them_closed(server):
 def test_celsius_and_the_title_shows_outside(start):
     server = start("--unit", "c", *FAST)
     _roles(server, out_c=18.25, in_c=21.0)
-    assert headline(server) == ("open", "Open the windows — outside is 2.8 °C cooler")
+    # 21 °C is inside the default comfort band (20-24 °C): cooler air outside is no reason to open
+    assert headline(server) == ("close", "Keep the windows closed — inside is comfortable")
+    assert reason(server) == "Inside 21.0 °C is within the comfort band (20.0–24.0 °C)."
     body = server.request("/")[2]
     assert "<title>18.2\u00a0°C outside · iotserver</title>" in body or "<title>18.3\u00a0°C outside" in body
 
 
 def test_dead_band_keeps_the_advice_from_flipping(server):
     _roles(server, out_c=25.2, in_c=25.0)
-    kind, text = headline(server)
-    assert kind == "same" and text.startswith("Inside and outside are about the same")
+    # inside is above the comfort band, but outside is not clearly cooler: no reason to open yet
+    assert headline(server) == ("close", "Keep the windows closed — outside is about the same (0.4 °F warmer)")
+    assert reason(server) == "Inside is above the comfort band, but outside is not clearly cooler yet."
     server.update("20.0", mac=OUT)  # clearly cooler: open
     assert headline(server)[0] == "open"
     server.update("25.3", mac=OUT)  # a fraction warmer than inside: still open
@@ -76,12 +86,13 @@ def test_dead_band_keeps_the_advice_from_flipping(server):
     server.update("24.8", mac=OUT)  # a fraction cooler: stays closed
     kind, text = headline(server)
     assert kind == "close" and "about the same (0.4 °F cooler)" in text
+    assert reason(server) == "Outside is not clearly cooler yet, and the house is warm."
 
 
 def test_dead_band_flag(start):
     server = start("--dead-band", "3", "--unit", "C", *FAST)
     _roles(server, out_c=23.0, in_c=25.0)
-    assert headline(server)[0] == "same"
+    assert headline(server) == ("close", "Keep the windows closed — outside is about the same (2.0 °C cooler)")
     server.update("21.5", mac=OUT)
     assert headline(server) == ("open", "Open the windows — outside is 3.5 °C cooler")
 
@@ -131,7 +142,7 @@ def test_station_card_values_ago_and_todays_range(start):
         _insert(server, OUT, [(300, 1, 15.0), (since_midnight - 1, 1, 30.0), (since_midnight + 5, 1, -40.0)])
     body = server.request("/")[2]
     card = re.search(r'<section class="card" data-mac="%s">.*?</section>' % OUT, body).group(0)
-    assert "<h2>Window</h2>" in card and OUT in card
+    assert '<h2><a href="/station/%s">Window</a></h2>' % OUT in card
     assert '<span class="value" data-field="1">70.5\u00a0°F</span>' in card
     assert '<span class="value" data-field="2">1013.2\u00a0hPa</span>' in card
     assert re.search(r'<p class="seen">(just now|\d+ s ago)</p>', card)
@@ -242,8 +253,8 @@ def test_many_stations_keep_the_page_short(start):
     body = server.request("/")[2]
     assert body.count('<section class="card') == 24
     assert "… and 16 more stations" in body
-    newest = "02:00:00:00:01:%02x" % 39
-    assert 'data-mac="%s"' % newest in body  # the most recently heard are shown
+    cards = re.findall(r'<section class="card[^"]*" data-mac="([^"]+)"', body)
+    assert cards == ["02:00:00:00:01:%02x" % i for i in range(24)]  # by name: the same cards at every post
     assert len(json.loads(server.request("/api/latest")[2])["stations"]) == 40
 
 

@@ -211,5 +211,48 @@ def test_older_sketches_send_key_and_thingspeaks_own_time_format(server, channel
     feed = json.loads(_get(server, "/channels/%d/fields/1.json?start=2026-01-21&end=2026-01-22" % channel_id)[1])
     assert [(f["created_at"], f["field1"]) for f in feed["feeds"]] == [
         ("2026-01-21T15:26:02Z", "1"), ("2026-01-21T16:00:00Z", "2")]
-    assert [r[2] for r in server.rows()] == [20.0, 18.5, 1.0, 2.0]
+    assert [r[2] for r in server.rows()] == [1.0, 2.0, 20.0, 18.5]  # in time order
     assert key not in server.log
+
+
+def test_aggregated_reads_as_thingspeak_documents_them(server, channel):
+    """average, median, sum, timescale (10 ... 1440 minutes or daily) and round, on a morning of entries."""
+    channel_id, key = channel
+    t = 1741600800  # 2025-03-10T10:00:00Z
+    minutes = [(0, {"field1": 10, "field2": 1000}), (5, {"field1": 11}), (12, {"field1": 13, "field2": 1002}),
+               (25, {"field1": 20}), (61, {"field1": 5.5})]
+    body = json.dumps({"write_api_key": key, "updates": [dict(v, created_at=t + m * 60) for m, v in minutes]})
+    assert server.request("/channels/%d/bulk_update.json" % channel_id, method="POST", body=body,
+                          headers={"Content-Type": "application/json"})[0] == 202
+    span = "start=2025-03-10%2000:00:00&end=2025-03-10%2023:59:59"
+
+    def feeds(query, path="feeds"):
+        status, body = _get(server, "/channels/%d/%s.json?%s&%s" % (channel_id, path, span, query))
+        assert status == 200, body
+        return [(f["created_at"][11:16], f["entry_id"], f.get("field1"), f.get("field2")) for f in json.loads(body)["feeds"]]
+
+    # a period is written at its start; a computed one has no entry id; a field missing from an entry is left out
+    assert feeds("average=10") == [("10:00", None, "10.5", "1000.0"), ("10:10", None, "13.0", "1002.0"),
+                                   ("10:20", None, "20.0", None), ("11:00", None, "5.5", None)]
+    assert feeds("sum=30") == [("10:00", None, "54.0", "2002.0"), ("11:00", None, "5.5", None)]
+    assert feeds("median=60") == [("10:00", None, "12.0", "1001.0"), ("11:00", None, "5.5", None)]
+    assert feeds("sum=daily") == [("00:00", None, "59.5", "2002.0")]
+    assert feeds("median=1440&timezone=Asia/Tokyo")[0][0] == "09:00"  # 1440 minutes count from 00:00 UTC
+    assert feeds("sum=daily&timezone=Asia/Tokyo")[0][0] == "00:00"  # a day is the zone's day
+    # timescale: the first entry of each period, as it was stored
+    first = feeds("timescale=10")
+    assert [(f[0], f[2], f[3]) for f in first] == [("10:00", "10", "1000"), ("10:10", "13", "1002"),
+                                                   ("10:20", "20", None), ("11:00", "5.5", None)]
+    assert all(f[1] > 0 for f in first)
+    # round: decimal places of every value, computed or stored
+    assert feeds("average=60&round=1") == [("10:00", None, "13.5", "1001.0"), ("11:00", None, "5.5", None)]
+    assert feeds("round=2")[:2] == [("10:00", first[0][1], "10.00", "1000.00"), ("10:05", feeds("")[1][1], "11.00", None)]
+    assert _get(server, "/channels/%d/fields/2/last.txt?round=3" % channel_id) == (200, "1002.000")
+    # results limits the entries read, not the periods returned (ThingSpeak's own example: results=120&sum=60)
+    assert feeds("results=2&average=60") == [("10:00", None, "20.0", None), ("11:00", None, "5.5", None)]
+    assert [f[:3] for f in feeds("average=60", path="fields/1")] == [("10:00", None, "13.5"), ("11:00", None, "5.5")]
+    rows = list(csv.reader(io.StringIO(_get(server, "/channels/%d/feeds.csv?%s&sum=60" % (channel_id, span))[1])))
+    assert rows[1][1:] == ["", "54.0", "2002.0"]
+    for query, word in (("average=7", "average"), ("median=hourly", "median"), ("round=x", "round")):
+        status, body = _get(server, "/channels/%d/feeds.json?%s" % (channel_id, query))
+        assert status == 400 and word in body, (query, body)

@@ -13,6 +13,9 @@ for (const [name, path] of Object.entries(spec.files)) {
   mp.FS.writeFile("/" + name, readFileSync(path));
 }
 mp.FS.writeFile("/config.py", spec.config);
+// jsgc.collect(): run JS's garbage collector (node --expose-gc), so that the proxies of awaited JS
+// promises are finalized and release their MicroPython objects before the tests measure the heap
+mp.registerJsModule("jsgc", { collect: () => { if (globalThis.gc) globalThis.gc(); } });
 try {
   await mp.runPythonAsync(spec.script);
 } catch (err) {

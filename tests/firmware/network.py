@@ -1,7 +1,14 @@
-"""Stand-in for MicroPython's network module: a Wi-Fi link the test can drop."""
+"""Stand-in for MicroPython's network module: a Wi-Fi link the test can drop, or take away for a while."""
+import simclock
 
 STA_IF = 0
 MAC = b"\x6c\xef\x7a\x3b\x9d\xe8"
+OUTAGES = []  # (from, to) world ms: the access point is gone
+
+
+def in_outage():
+    now = simclock.now_ms()
+    return any(start <= now < end for start, end in OUTAGES)
 
 
 class WLAN:
@@ -21,9 +28,11 @@ class WLAN:
         if WLAN.refuse_next > 0:
             WLAN.refuse_next -= 1
             return
-        WLAN.up = WLAN.reachable
+        WLAN.up = WLAN.reachable and not in_outage()
 
     def isconnected(self):
+        if in_outage():
+            WLAN.up = False
         return WLAN.up
 
     def disconnect(self):
@@ -41,3 +50,7 @@ def drop(failed_reconnects=0):
     """The access point goes away; the next ``failed_reconnects`` connects fail."""
     WLAN.up = False
     WLAN.refuse_next = failed_reconnects
+
+
+def online():
+    return WLAN.up and not in_outage()
