@@ -16,6 +16,7 @@ import contextlib
 import csv
 import datetime
 import email.message
+import errno
 import email.utils
 import functools
 import hashlib
@@ -944,17 +945,24 @@ class Store:
         return mac
 
     def rename(self, mac, name):
+        """Name a station; names are unique (the page, /api/latest's by_name and /metrics tell stations by them)."""
         with self.atomic() as conn:
-            conn.execute("UPDATE stations SET name = ? WHERE id = ?", (name, self._station_id(conn, mac)))
+            station_id = self._station_id(conn, mac)
+            other = conn.execute("SELECT mac FROM stations WHERE name = ? AND id != ?", (name, station_id)).fetchone()
+            if other:
+                raise StoreError("station %s is named %s already; pick another name" % (other[0], name))
+            conn.execute("UPDATE stations SET name = ? WHERE id = ?", (name, station_id))
 
     def set_role(self, mac, role):
-        """Mark a station indoor or outdoor (taking the role from any other), or clear it."""
+        """Mark a station indoor or outdoor (taking the role from any other), or clear it; return the MAC it was taken from."""
         role = None if role == "none" else role
         with self.atomic() as conn:
             station_id = self._station_id(conn, mac)
+            before = conn.execute("SELECT mac FROM stations WHERE role = ? AND id != ?", (role, station_id)).fetchone()
             if role:
                 conn.execute("UPDATE stations SET role = NULL WHERE role = ?", (role,))
             conn.execute("UPDATE stations SET role = ? WHERE id = ?", (role, station_id))
+        return before[0] if before else None
 
     def set_field(self, mac, number, name, unit):
         """Say what a station's field holds (see Field): its name and the unit it is posted in."""
@@ -993,6 +1001,8 @@ class Store:
         target = os.path.abspath(target)
         if target == self.path:
             raise StoreError("the backup must go to another file than the database")
+        if not os.path.isdir(os.path.dirname(target)):
+            raise StoreError("cannot write the backup: directory %s does not exist" % os.path.dirname(target))
         partial = target + ".partial"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
@@ -1381,9 +1391,13 @@ def humid_air(celsius, rh):
 
 
 def station_air(station):
-    """A station's dew point and absolute humidity from its latest temperature and humidity (taken within 3 minutes)."""
+    """A station's dew point and absolute humidity from its latest temperature and humidity.
+
+    The humidity counts for as long as the advice carries it forward (ADVICE_MEMORY_MS),
+    so the card and the headline show the same dew point.
+    """
     fields = station["fields"]
-    if (1 not in fields or 3 not in fields or abs(fields[1]["ts"] - fields[3]["ts"]) > OFFLINE_MIN_MS
+    if (1 not in fields or 3 not in fields or fields[1]["ts"] - fields[3]["ts"] > ADVICE_MEMORY_MS
             or fields[1].get("implausible") or fields[3].get("implausible")):
         return None
     return humid_air(fields[1]["value"], fields[3]["value"])
@@ -1724,6 +1738,9 @@ def render_chart(lines, view, now, range_name="24h", field=None):
     low, high = math.floor(low / step) * step, math.ceil(high / step) * step
     if high - low < step:
         high = low + step
+    levels = [low + i * step for i in range(int(round((high - low) / step)) + 1)]
+    labels = ["%g" % round(value, 2) for value in levels]
+    left = max(left, 8 + round(5.6 * max(len(text) for text in labels)))  # room for "1006.25" at 10 px
 
     def x(ms):  # a bucket is drawn at its middle, inside the chart
         return left + (min(max(ms + bucket / 2, start), now) - start) / span * (width - left - right)
@@ -1733,13 +1750,11 @@ def render_chart(lines, view, now, range_name="24h", field=None):
 
     out = ['<svg class="chart" viewBox="0 0 %d %d" role="img" aria-label="%s in %s, %s">'
            % (width, height, html.escape(field.name), html.escape(unit), title.lower())]
-    value = low
-    while value <= high + step / 2:
+    for value, text in zip(levels, labels):
         level = top + (high - value) / (high - low) * (height - top - bottom)
         out.append('<line class="grid" x1="%d" x2="%d" y1="%.1f" y2="%.1f"/>'
                    '<text class="tick" x="%d" y="%.1f" text-anchor="end">%s</text>'
-                   % (left, width - right, level, level, left - 4, level + 3.5, "%g" % round(value, 2)))
-        value += step
+                   % (left, width - right, level, level, left - 4, level + 3.5, text))
     out.append('<text class="tick" x="%d" y="10" text-anchor="end">%s</text>' % (left - 4, html.escape(unit)))
     for tick, text in _time_ticks(view, start, now, range_name):
         at = left + (tick - start) / span * (width - left - right)
@@ -1991,7 +2006,9 @@ def render_station(store, view, now, mac, refresh, fragment=False, range_name="2
                   for n, f in sorted(station["fields"].items())]
     parts = ['<p class="back"><a href="/">← All stations</a></p>', _card(station, view, now),
              _range_links("/station/" + mac, range_name)]
-    parts += [_chart_panel([(station, "c%d" % (i % LINE_COLOURS), data)], view, now, range_name, field,
+    # the temperature in the colour the main page draws a compared station in
+    parts += [_chart_panel([(station, station["role"] if station["role"] and field.base_unit == "°C"
+                             else "c%d" % (i % LINE_COLOURS), data)], view, now, range_name, field,
                            "%s, %s" % (field.name, RANGES[range_name][1][0].lower() + RANGES[range_name][1][1:]))
               for i, (field, data) in enumerate(charts)]
     return _document("%s · iotserver" % station["name"], parts, view, now, refresh, fragment)
@@ -2217,11 +2234,18 @@ def render_series(store, view, query, now):
             raise HTTPError(HTTPStatus.NOT_FOUND, "no station with mac %s" % query["mac"])
         field = snap.field(station["id"], query["field"])
         points = snap.series(station["id"], query["field"], now - span, bucket, now)
-    convert, unit = ((view.temperature, "°" + view.unit) if field.base_unit == "°C" else
+    to_unit, unit = ((view.temperature, "°" + view.unit) if field.base_unit == "°C" else
                      ((lambda v: v), field.base_unit))
+
+    converted = field.base_unit == "°C" and view.unit == "F"
+
+    def convert(value, averaged=False):  # a mean or a °F value to ten digits: no 71.17999999999999
+        value = to_unit(value)
+        return float("%.10g" % value) if averaged or converted else value
+
     return _json({"mac": station["mac"], "station": station["name"], "field": query["field"], "name": field.name,
                   "unit": unit, "range": query["range"], "bucket_seconds": bucket // 1000,
-                  "points": [{"time": iso_ms(start), "min": convert(low), "mean": convert(mean), "max": convert(high),
+                  "points": [{"time": iso_ms(start), "min": convert(low), "mean": convert(mean, True), "max": convert(high),
                               "count": count} for start, low, mean, high, count in points]})
 
 
@@ -2411,8 +2435,10 @@ def parse_bulk(body, content_type, now):
         else:
             form = dict(urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=8,
                                                errors="strict", strict_parsing=True))
-            if form.get("time_format") not in ("absolute", "relative") or "updates" not in form:
-                raise ValueError("send write_api_key, time_format=absolute or relative, and updates")
+            if form.get("time_format") not in ("absolute", "relative"):
+                raise ValueError("send time_format=absolute or time_format=relative")
+            if "updates" not in form:
+                raise ValueError("send updates=T,field1,field2,...|T,field1,...")
             relative = form["time_format"] == "relative"
             key, rows = form.get("write_api_key"), []
             for line in form["updates"].split("|"):
@@ -3443,7 +3469,7 @@ def on_ts_bulk(req, match):
     channel = int(match.group(1))
     found = server.store.station_for_write_key(key.encode("utf-8", "replace"))
     mac, _ = req.check_key(found if found and found[1] == channel else None,
-                           "wrong write API key for channel %d" % channel)
+                           "wrong write API key for channel %d (its own key: see --channel-key)" % channel)
     return _store_bulk(req, mac, entries)
 
 
@@ -3525,9 +3551,12 @@ def on_ts_update(req, match):
     key = (params.get("api_key") or params.get("key")  # older ThingSpeak sketches send key=
            or req.headers.get("X-THINGSPEAKAPIKEY") or req.headers.get("THINGSPEAKAPIKEY"))
     if not key:
+        if {"mac", "data"} & {name.lower() for name in params}:  # the station URL's parts, sent as a query
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "a station puts its parts in the path: "
+                            "/update/API_key=KEY/mac=MAC/field=N/data=VALUE")
         raise HTTPError(HTTPStatus.UNAUTHORIZED, "api_key missing: a channel's write key (see --channel-key)")
     mac, channel = req.check_key(server.store.station_for_write_key(key.encode("utf-8", "replace")),
-                                 "wrong write API key")
+                                 "wrong write API key: a channel's own key (see --channel-key), not the server's")
     values, when = parse_ts_write(params)
     wait = server.buckets.take(mac)
     if wait:  # ThingSpeak's clients read 0 as "not inserted"
@@ -4069,16 +4098,20 @@ def _cmd_rename(args, store, out):
 
 def _cmd_role(args, store, out):
     mac, role = args.role
-    store.set_role(mac, role)
-    print("%s is now %s" % (mac, role if role != "none" else "without a role"), file=out)
+    before = store.set_role(mac, role)
+    print("%s is now %s%s" % (mac, role if role != "none" else "without a role",
+                              " (%s was, and now has no role)" % before if before else ""), file=out)
 
 
 def _cmd_field(args, store, out):
     mac, number, name, unit = args.field
     store.set_field(mac, number, name, unit)
     field = Field(number, name, unit)
-    how = "shown in %s" % field.base_unit if field.quantity else "shown as sent"
+    how = "converted to %s" % field.base_unit if field.quantity else "shown as sent"
     print("%s field %d is %s in %s (%s)" % (mac, number, name, unit or "no unit", how), file=out)
+    if not field.quantity:
+        print("note: %r is none of %s: not converted, not checked, and not used by the advice"
+              % (name, ", ".join(QUANTITIES)), file=out)
 
 
 def _cmd_forget(args, store, out):
@@ -4210,7 +4243,9 @@ def main(argv=None):
         urls = [server.public_url] if server.public_url else server.urls()
         store.set_setting("url", urls[0])  # where --show-key's example points
     except (OSError, sqlite3.Error) as exc:
-        log("iotserver: cannot start: %s" % exc)
+        in_use = isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
+        hint = " (is another server on port %d? pick another with --port)" % args.port if in_use else ""
+        log("iotserver: cannot start on %s:%d: %s%s" % (args.host, args.port, exc, hint))
         store.close()
         return 1
 

@@ -131,7 +131,7 @@ class RunningServer:
         return self.request("/update/API_key=%s/mac=%s/field=%s/data=%s" % (key, mac, field, data), **kwargs)
 
     def rows(self, sql="SELECT s.mac, r.field, r.value, r.ts FROM readings r JOIN stations s ON s.id = r.station_id "
-                       "ORDER BY r.id", params=()):
+                       "ORDER BY r.ts, r.n, r.field", params=()):
         """Read the database the way a second process would."""
         conn = sqlite3.connect(str(self.db), timeout=10)
         try:

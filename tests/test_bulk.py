@@ -202,3 +202,19 @@ def test_a_bulk_call_costs_one_token_of_the_station_rate_limit(start):
     assert [a[0] for a in answers] == [202, 202, 429]
     assert int(answers[2][1]["retry-after"]) >= 1
     assert len(stored(server)) == 200
+
+
+def test_a_station_that_leaves_out_time_format_is_told_so(server):
+    status, _, body = post_form(server, "/update/API_key=%s/mac=%s" % (server.key, MAC),
+                                {"updates": "%d,21.4" % (NOW() - 60)})
+    assert status == 400 and "time_format" in body and "write_api_key" not in body
+    assert stored(server) == []
+
+
+def test_station_url_parts_sent_as_a_query_string_get_a_hint(server):
+    status, _, body = server.request("/update?API_key=%s&mac=%s&field=1&data=21.4" % (server.key, MAC))
+    assert status == 400 and "/update/API_key=KEY/mac=MAC/field=N/data=VALUE" in body
+    # the server key is not a channel's write key, and the answer says which key is wanted
+    status, _, body = server.request("/update?api_key=%s&field1=21.4" % server.key)
+    assert status == 401 and "--channel-key" in body
+    assert server.rows() == []

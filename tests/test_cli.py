@@ -220,3 +220,23 @@ def test_show_key_uses_the_public_url(start):
     # given on the command line, it wins over the stored one
     out = cli(server.db, "--show-key", "--public-url", "http://pi.local:8000/").stdout
     assert "example: http://pi.local:8000/update/API_key=" in out
+
+
+def test_what_a_newcomer_got_wrong_is_answered_clearly(server, tmp_path):
+    assert server.update(mac=MAC)[0] == 200 and server.update(mac=MAC2)[0] == 200
+    cli(server.db, "--rename", MAC, "Living room")
+    # two stations of one name could not be told apart on the page, in by_name and in /metrics
+    proc = cli(server.db, "--rename", MAC2, "Living room", check=False)
+    assert proc.returncode == 1 and "named Living room already" in proc.stderr
+    # a role moves from one station to another: say so
+    cli(server.db, "--role", MAC, "outdoor")
+    out = cli(server.db, "--role", MAC2, "outdoor").stdout
+    assert "%s is now outdoor (%s was, and now has no role)" % (MAC2, MAC) in out
+    # a backup into a directory that is not there is about the target, not the live database
+    proc = cli(server.db, "--backup", str(tmp_path / "missing" / "b.db"), check=False)
+    assert proc.returncode == 1 and "directory" in proc.stderr and str(tmp_path / "missing") in proc.stderr
+    # a field name the server does not know: said, not silently taken as a temperature
+    out = cli(server.db, "--field", MAC, "1", "temp", "F").stdout
+    assert "not used by the advice" in out
+    out = cli(server.db, "--field", MAC, "1", "temperature", "F").stdout
+    assert "converted to °C" in out

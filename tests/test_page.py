@@ -316,3 +316,48 @@ def test_home_screen_manifest_and_icons_need_no_key(start):
     assert re.search(r'<link rel="icon" href="/icon.svg"', body) and '<meta name="theme-color"' in body
     assert "manifest-src 'self'" in headers["content-security-policy"]
     assert server.request("/api/latest")[0] == 401  # the rest stays private
+
+
+def _bulk(server, mac, rows):
+    body = "time_format=absolute&updates=" + "|".join(rows)
+    status = server.request("/update/API_key=%s/mac=%s" % (server.key, mac), method="POST", body=body,
+                            headers={"Content-Type": "application/x-www-form-urlencoded"})[0]
+    assert status == 202
+
+
+def test_card_and_headline_show_the_same_dew_point(start):
+    server = start("--unit", "C", *FAST)
+    now = int(time.time())
+    # humidity sent ten minutes before the latest temperature (in separate posts, as older stations do)
+    for mac, celsius, rh in ((MAC, 18.0, 60), (MAC2, 26.0, 50)):
+        _bulk(server, mac, ["%d,,,%d" % (now - 600, rh), "%d,%.1f" % (now - 30, celsius)])
+    cli(server.db, "--role", MAC, "outdoor")
+    cli(server.db, "--role", MAC2, "indoor")
+    advice = json.loads(server.request("/api/advice")[2])
+    page = server.request("/")[2]
+    for where, mac in (("outside", MAC), ("inside", MAC2)):
+        dew = "%.1f\u00a0°C" % advice[where]["dew_point"]
+        card = re.search(r'<section class="card[^"]*" data-mac="%s">.*?</section>' % mac, page, re.S).group(0)
+        assert 'data-field="dew">%s<' % dew in card, (where, dew)
+        assert dew in page.split('<div class="cards">')[0]  # and in the headline
+    # a station's own page draws its temperature in the colour the main page gives it
+    assert 'class="line outdoor"' in server.request("/station/%s" % MAC)[2]
+
+
+def test_wide_axis_labels_are_not_cut_off(server):
+    now = int(time.time())
+    _bulk(server, MAC, ["%d,,%.2f" % (now - 3600 + i * 600, 1006.3 + i / 10) for i in range(6)])
+    page = server.request("/station/%s" % MAC)[2]
+    chart = [svg for svg in re.findall(r"<svg.*?</svg>", page, re.S) if "Pressure" in svg][0]
+    labels = re.findall(r'<text class="tick" x="(\d+)" y="[\d.]+" text-anchor="end">(\d[\d.]*)</text>', chart)
+    assert any(len(text) >= 6 for _, text in labels), labels
+    for x, text in labels:  # right-aligned at x, 10 px glyphs about 5.6 px wide: the first one starts inside
+        assert int(x) - 5.6 * len(text) >= 0, (x, text)
+
+
+def test_series_values_carry_no_float_noise(server):
+    now = int(time.time())
+    bucket = (now - 1800) // 600 * 600  # both in one 10-minute bucket: (22.1 + 22.3) / 2 in °F is 71.96000000000001
+    _bulk(server, MAC, ["%d,22.1" % (bucket + 60), "%d,22.3" % (bucket + 180)])
+    points = json.loads(server.request("/api/series?mac=%s&field=1" % MAC)[2])["points"]
+    assert [p["mean"] for p in points] == [71.96], points

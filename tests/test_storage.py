@@ -105,6 +105,7 @@ def test_port_in_use_is_a_clear_error(server, tmp_path):
                            "--port", str(server.port)], capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
     assert "cannot start" in proc.stderr and "in use" in proc.stderr
+    assert "--port" in proc.stderr and str(server.port) in proc.stderr  # which port, and what to do
 
 
 def test_default_database_is_created_in_the_working_directory(tmp_path):

@@ -32,7 +32,7 @@ def test_a_fahrenheit_station_is_shown_and_compared_right(start):
     assert "<title>iotserver</title>" in server.request("/")[2]  # nor in the tab title
     # the owner says what the station sends
     out = cli(server.db, "--field", OUT, "1", "temperature", "f").stdout
-    assert out.strip() == "%s field 1 is temperature in °F (shown in °C)" % OUT
+    assert out.strip() == "%s field 1 is temperature in °F (converted to °C)" % OUT
     assert headline(server) == ("open", "Open the windows — outside is 2.8 °C cooler")  # 72 °F is 22.2 °C
     card = _card(server.request("/")[2], OUT)
     assert '<span class="value" data-field="1">22.2\u00a0°C</span>' in card and "Implausible" not in card
