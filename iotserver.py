@@ -291,7 +291,8 @@ def parse_query(text, max_fields):
     try:
         return urllib.parse.parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields, errors="strict")
     except (ValueError, UnicodeDecodeError):
-        raise HTTPError(HTTPStatus.BAD_REQUEST, "parameters are malformed, not UTF-8, or more than %d" % max_fields) from None
+        raise HTTPError(HTTPStatus.BAD_REQUEST,
+                        "parameters are malformed, not UTF-8, or more than %d" % max_fields) from None
 
 
 def parse_mac(text):
@@ -1219,7 +1220,8 @@ class Snapshot:
         names = {s["id"]: (s["mac"], s["name"]) for s in self.stations}
         numbers = [field] if field else list(range(1, 9))
         sql = ("SELECT ts, station_id, field, n, value FROM readings WHERE station_id IN (%s) AND field IN (%s) "
-               "AND ts >= ? AND ts < ? ORDER BY ts LIMIT ?" % (",".join("?" * len(station_ids)), ",".join("?" * len(numbers))))
+               "AND ts >= ? AND ts < ? ORDER BY ts LIMIT ?"
+               % (",".join("?" * len(station_ids)), ",".join("?" * len(numbers))))
         start, width = since_ms, 60_000
         while limit > 0 and start < until_ms:
             end = min(until_ms, start + width)
@@ -3186,12 +3188,13 @@ class Handler(BaseHTTPRequestHandler):
             return HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
 
     def _check_framing(self):
-        """400 and hang up unless the body's end is told one way only (RFC 9112: a body read two ways smuggles a request)."""
+        """400 and hang up unless the body's end is told one way only (RFC 9112: two ways smuggle requests)."""
         lengths = self.headers.get_all("Content-Length", [])
+        chunked = "Transfer-Encoding" in self.headers
         problem = ("a header is folded over two lines" if any("\n" in v or "\r" in v for v in self.headers.values())
                    else "Content-Length is given twice" if len(lengths) > 1
-                   else "Content-Length is not a number" if lengths and not re.fullmatch(r"[0-9]+", lengths[0].strip(), re.ASCII)
-                   else "Content-Length and Transfer-Encoding together" if lengths and "Transfer-Encoding" in self.headers
+                   else "Content-Length is not a number" if lengths and not re.fullmatch(r"[0-9]+", lengths[0].strip())
+                   else "Content-Length and Transfer-Encoding together" if lengths and chunked
                    else None)
         if problem:
             self.close_connection = True
