@@ -665,6 +665,7 @@ class Store:
             raise StoreError("no database at %s" % self.path)
         self._lock = threading.RLock()
         self._pending = []  # _Pending entries waiting for the write lock
+        self._stamped = {}  # station id -> the last time this process stamped one of its entries
         self._pending_lock = threading.Lock()
         self._readers = []  # idle read-only connections; list.pop/append are atomic
         self._failing_until = 0.0  # monotonic time until which writes fail fast (see add_entry)
@@ -874,6 +875,11 @@ class Store:
                             "INSERT INTO stations (mac, name, created_at, write_key) VALUES (?, ?, ?, ?)",
                             (item.mac, item.mac, item.ts, write_key)).lastrowid
                         keys[write_key] = item.mac
+                    if not item.measured:
+                        # the server's stamp: two writes of a station in one millisecond stay two entries
+                        # (an entry is known by its time); past the rate limit no station gets that close
+                        item.ts = max(item.ts, self._stamped.get(station_id, 0) + 1)
+                        self._stamped[station_id] = item.ts
                     if item.measured:  # a retry: fields already stored at this measurement time are not stored again
                         stored = {f for (f,) in conn.execute(  # eight key look-ups
                             "SELECT field FROM samples WHERE station_id = ? AND field IN (1, 2, 3, 4, 5, 6, 7, 8) "

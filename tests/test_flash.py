@@ -207,7 +207,7 @@ def test_dry_run_shows_the_esptool_and_ampy_steps(tmp_path):
 def test_dry_run_with_the_readmes_own_command(tmp_path):
     # issue 13: the README's command with --dry-run failed without the .bin and without a terminal
     readme = (ROOT / "README.md").read_text()
-    command = re.search(r"^ +python3 firmware/flash\.py (.*?)(?<!\\)$", readme, re.M | re.S).group(1)
+    command = re.search(r"^ +(?:\.venv/bin/)?python3? firmware/flash\.py (.*?)(?<!\\)$", readme, re.M | re.S).group(1)
     args = shlex.split(command.replace("\\\n", " "))
     proc = subprocess.run([sys.executable, str(FLASH), *args, "--dry-run"], capture_output=True, text=True,
                           timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)  # no firmware image here, no terminal
