@@ -179,14 +179,17 @@ def main():
     parser.add_argument("--read-rate", type=float, default=1_000_000, help="bytes/s each export is read at")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of stations and pages before the exports")
     parser.add_argument("--seconds", type=float, default=120.0, help="longest run; everything stops by then")
+    parser.add_argument("--script", action="store_true",
+                        help="run python3 iotserver.py instead of python3 -m iotserver (the systemd unit's way)")
     args = parser.parse_args()
     print("machine: %s, %d cores, Python %s, SQLite %s" % (platform.platform(), os.cpu_count(),
                                                           platform.python_version(), sqlite3.sqlite_version))
+    print("server: %s" % ("python3 iotserver.py" if args.script else "python3 -m iotserver (as the systemd unit runs it)"))
     flags = ["--quiet", "--api-key", KEY, "--rate", "1e9", "--burst", "1000000000",
              "--max-stations", str(args.stations + 10)]
     with tempfile.TemporaryDirectory() as tmp:
         db = os.path.join(tmp, "memory.db")
-        server = RunningServer(db, flags)  # creates the schema; the history stations register by posting
+        server = RunningServer(db, flags, module=not args.script)  # creates the schema; the history stations register by posting
         for mac, _, _ in HISTORY:
             server.update(key=KEY, mac=mac)
         server.stop()

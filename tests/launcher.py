@@ -43,8 +43,12 @@ class RunningServer:
     line is also appended to that file. ``exits`` records (signal name, exit status) of each stop.
     """
 
-    def __init__(self, db, args=(), env=None, host="127.0.0.1", port=0, log_path=None, timeout=20):
+    def __init__(self, db, args=(), env=None, host="127.0.0.1", port=0, log_path=None, timeout=20, module=False):
         self.db = pathlib.Path(db)
+        # module: run as the systemd unit does, `python3 -m iotserver` (no script compiled in __main__)
+        self.command = [sys.executable, "-m", "iotserver"] if module else [sys.executable, str(IOTSERVER)]
+        if module:
+            env = dict(os.environ if env is None else env, PYTHONPATH=str(IOTSERVER.parent))
         self.args, self.env, self.host, self.port = list(args), env, host, port
         self.log_path = log_path
         self.lines = []
@@ -61,7 +65,7 @@ class RunningServer:
         with self._new_line:
             first = len(self.lines)
         self.proc = subprocess.Popen(
-            [sys.executable, str(IOTSERVER), "--port", str(self.port), "--host", self.host, "--db", str(self.db),
+            [*self.command, "--port", str(self.port), "--host", self.host, "--db", str(self.db),
              *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env, errors="backslashreplace")
         self._readers = [threading.Thread(target=self._read, args=(stream,), daemon=True)

@@ -54,9 +54,12 @@ def _exec_args(name):
 def test_units_run_iotserver_with_flags_it_knows():
     serve = _exec_args("iotserver.service")
     prune = _exec_args("iotserver-prune.service")
-    assert serve[:2] == prune[:2] == ["/usr/bin/python3", "/opt/iotserver/iotserver.py"]
+    # the server runs as a module found on PYTHONPATH (less memory than a script), the prune job as the script
+    assert serve[:3] == ["/usr/bin/python3", "-m", "iotserver"]
+    assert "Environment=PYTHONPATH=/opt/iotserver\n" in _unit("iotserver.service")
+    assert prune[:2] == ["/usr/bin/python3", "/opt/iotserver/iotserver.py"]
     parser = iotserver.build_parser()
-    served, pruned = parser.parse_args(serve[2:]), parser.parse_args(prune[2:])
+    served, pruned = parser.parse_args(serve[3:]), parser.parse_args(prune[2:])
     assert served.host == "127.0.0.1" and served.db == pruned.db == "/var/lib/iotserver/iotserver.db"
     assert pruned.prune_days == 90
     for name in ("iotserver.service", "iotserver-prune.service"):
@@ -292,3 +295,14 @@ def test_backup_of_the_live_database(server, tmp_path):
     assert MAC in restored
     proc = cli(server.db, "--backup", str(tmp_path / "no" / "dir" / "x.db"), check=False)
     assert proc.returncode == 1 and "iotserver:" in proc.stderr
+
+
+def test_the_units_way_of_starting_it_serves(tmp_path):
+    # Environment=PYTHONPATH=/opt/iotserver + python3 -m iotserver, with this checkout as /opt/iotserver
+    from launcher import RunningServer
+    server = RunningServer(tmp_path / "unit.db", ["--quiet"], module=True)
+    try:
+        assert server.update("21.5")[0] == 200
+        assert [row[2] for row in server.rows()] == [21.5]
+    finally:
+        assert server.stop() == 0
