@@ -101,8 +101,20 @@ def run(command, what, port, timeout):
     return proc.stdout
 
 
+def check_server(url):
+    """The server URL a station can use: http(s)://, and no .local name (the ESP8266 has no mDNS)."""
+    if not url.startswith(("http://", "https://")):
+        raise FlashError("--server must start with http:// or https://")
+    host = url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
+    if host.lower().endswith(".local"):
+        raise FlashError("the station cannot resolve %s (no mDNS on the ESP8266): give the server's IP address"
+                         % host)
+
+
 def ask(args):
     """Fill in what the command line left out, asking on the terminal (with --dry-run: a placeholder)."""
+    if args.server:
+        check_server(args.server)  # also on a dry run: it shows what would be written
     if args.dry_run:
         for name in ("server", "ssid", "password", "api_key"):
             if not getattr(args, name):
@@ -116,8 +128,7 @@ def ask(args):
         args.password = getpass.getpass("Wi-Fi password: ")
     if not args.api_key:
         args.api_key = getpass.getpass("API key (python3 iotserver.py --show-key): ").strip()
-    if not args.server.startswith(("http://", "https://")):
-        raise FlashError("--server must start with http:// or https://")
+    check_server(args.server)
     if not args.ssid or not args.api_key:
         raise FlashError("the Wi-Fi name and the API key are needed")
 

@@ -267,3 +267,11 @@ def test_missing_firmware_file(tmp_path):
     proc = flash("--port", "/dev/ttyUSB0", "--firmware", str(tmp_path / "nope.bin"), "--server", "http://x",
                  "--ssid", "H", *SECRETS)
     assert proc.returncode == 1 and "no firmware file" in proc.stderr
+
+
+@pytest.mark.parametrize("server, reason", [("iot.example.org", "must start with http:// or https://"),
+                                            ("http://raspberrypi.local:8000", "give the server's IP address")])
+def test_a_server_url_a_station_cannot_use_is_refused_even_on_a_dry_run(server, reason):
+    proc = flash("--port", "/dev/null", "--skip-firmware", "--server", server, "--ssid", "Home", *SECRETS, "--dry-run")
+    assert proc.returncode != 0 and reason in proc.stdout + proc.stderr
+    assert "config.py" not in proc.stdout  # nothing shown as if it would be written
