@@ -3024,7 +3024,7 @@ class Route:
         self.auth = auth  # auth(req, match) raises HTTPError when the caller may not; None: the route checks
         self.writes = writes  # its refusals are readings refused (/metrics)
         # the row in /metrics: the path, or a pattern's literal start and '*' (/channels/*)
-        self.label = path if isinstance(path, str) else re.split(r"[\\(\[.?*+{|]", path.pattern, 1)[0] + "*"
+        self.label = path if isinstance(path, str) else re.split(r"[\\(\[.?*+{|]", path.pattern, maxsplit=1)[0] + "*"
 
     def match(self, path):
         """A match object (or the path) when this row answers ``path``, else None."""
