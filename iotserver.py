@@ -3793,8 +3793,9 @@ def _http_url(host, port):
     return "http://%s:%d/" % ("[%s]" % host if ":" in host else host, port)
 
 
+@functools.lru_cache(maxsize=None)
 def _libc():
-    """The C library, when it is glibc (whose malloc keeps freed memory); None elsewhere."""
+    """The C library, when it is glibc (whose malloc keeps freed memory); None elsewhere (looked up once)."""
     try:
         import ctypes  # lazily: only a server process needs it
         libc = ctypes.CDLL(None)
